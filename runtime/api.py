@@ -1,0 +1,152 @@
+"""Python API: ``CanaryQwen.from_pretrained(...).transcribe(inputs)``.
+
+Offline batch transcription on the exact PyTorch model: inputs are sorted by length so each batch carries
+little padding (results do not depend on batch composition), run as padded batches, and returned in input
+order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from engine.checkpoint import DEFAULT_MODEL, build_model, resolve
+from engine.model import CanaryQwenModel
+from engine.prompt import DEFAULT_ASR_PROMPT, Tokenizer
+
+from .audio import TARGET_RATE, AudioInput, load_audio
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 256  # 128 (the model card's value) truncates fast 40 s speech
+TRAINED_MAX_SECONDS = 40.0  # longest training audio; longer input degrades
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Default: bfloat16 on GPUs (as the official evaluation), float32 on CPUs (NeMo's own default)."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (choose from {sorted(set(DTYPES))})")
+    return DTYPES[dtype]
+
+
+@dataclass
+class Transcription:
+    text: str  # decoded new tokens, special tokens skipped, surrounding whitespace stripped
+    token_ids: list[int]  # generated ids, without the end-of-turn token
+    duration: float  # seconds of audio
+    finish_reason: str  # "stop": end of turn produced; "length": max_new_tokens reached
+    extra: dict = field(default_factory=dict)
+
+
+class CanaryQwen:
+    def __init__(self, model: CanaryQwenModel, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        # Below one hop the frontend has no frame at all (per-feature normalisation would divide by zero);
+        # such clips are zero-padded to one hop, which gives all-zero features like any 1-frame clip.
+        self.min_samples = model.cfg.frontend.hop_length
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike = DEFAULT_MODEL,
+        llm: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        merge_lora: bool = False,
+    ) -> "CanaryQwen":
+        """``model``: hub id or folder of the release; ``llm``: base LLM hub id or folder (default: the one
+        named in config.json, or the NeMo 3.0 files inside the model folder). ``merge_lora`` folds the
+        adapter into the weights (faster, not bit-exact)."""
+        dev = pick_device(device)
+        net, tok = build_model(resolve(model, llm), dtype=pick_dtype(dtype, dev), device=dev, merge_lora=merge_lora)
+        return cls(net, tok)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.inference_mode()
+    def transcribe_samples(
+        self,
+        waves: Sequence[np.ndarray],
+        batch_size: int = 16,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        prompt: str = DEFAULT_ASR_PROMPT,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Transcription]:
+        """16 kHz mono float32 waveforms -> transcriptions, in input order."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prompt_ids = self.tokenizer.prompt_ids(prompt)
+        order = sorted(range(len(waves)), key=lambda i: -len(waves[i]))
+        results: list[Transcription | None] = [None] * len(waves)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            for i, res in zip(idx, self._run_batch([waves[i] for i in idx], prompt_ids, max_new_tokens)):
+                results[i] = res
+            if progress is not None:
+                progress(len(idx))
+        return results  # type: ignore[return-value]
+
+    def _run_batch(self, waves: list[np.ndarray], prompt_ids: list[int], max_new_tokens: int) -> list[Transcription]:
+        lengths = [max(len(w), self.min_samples) for w in waves]
+        audio = torch.zeros(len(waves), max(lengths), dtype=torch.float32)
+        for i, w in enumerate(waves):
+            audio[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
+        lens = torch.tensor(lengths)
+        *_, emb_lens, emb = self.model.perception(audio.to(self.device), lens.to(self.device))
+        embeds, mask = self.model.splice(
+            [prompt_ids] * len(waves), self.tokenizer.audio_id, [emb[i, : emb_lens[i]] for i in range(len(waves))])
+        gens = self.model.generate(embeds, mask, max_new_tokens, self.tokenizer.eos_id, self.tokenizer.pad_id)
+        out = []
+        for w, gen in zip(waves, gens):
+            ids = gen.token_ids[:-1] if gen.finished else gen.token_ids
+            out.append(Transcription(
+                text=self.tokenizer.decode(ids).strip(),
+                token_ids=ids,
+                duration=len(w) / TARGET_RATE,
+                finish_reason="stop" if gen.finished else "length",
+            ))
+        return out
+
+    def transcribe(
+        self,
+        inputs: AudioInput | Sequence[AudioInput],
+        batch_size: int = 16,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        sample_rate: int | None = None,
+        prompt: str = DEFAULT_ASR_PROMPT,
+    ) -> Transcription | list[Transcription]:
+        """Paths, encoded bytes, or arrays/tensors (with ``sample_rate``): one input -> one result, a list ->
+        a list. Every input is decoded first, so a bad one raises ``AudioError`` naming it before any work."""
+        single = not isinstance(inputs, (list, tuple))
+        items = [inputs] if single else list(inputs)
+        waves = [load_audio(x, sample_rate) for x in items]
+        for x, w in zip(items, waves):
+            if len(w) > TRAINED_MAX_SECONDS * TARGET_RATE:
+                log.warning("%s is %.1f s long; the model was trained on at most %.0f s and degrades beyond",
+                            x if isinstance(x, (str, os.PathLike)) else "input", len(w) / TARGET_RATE,
+                            TRAINED_MAX_SECONDS)
+        results = self.transcribe_samples(waves, batch_size, max_new_tokens, prompt)
+        return results[0] if single else results

@@ -1,0 +1,98 @@
+"""``canary-trt`` command line: ``canary-trt transcribe FILE... [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from engine.checkpoint import DEFAULT_MODEL
+
+from .api import DEFAULT_MAX_NEW_TOKENS, DTYPES
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or folder of the release (default: %(default)s)")
+    p.add_argument("--llm", default=None,
+                   help="base LLM hub id or folder (config + tokenizer); default: pretrained_llm of config.json")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when present)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--merge-lora", action="store_true", help="fold LoRA into the weights (faster, not bit-exact)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="canary-trt", description="Fast, exact Canary-Qwen-2.5B inference.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and warnings")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("transcribe", help="transcribe audio files")
+    t.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, mp3, ...)")
+    _add_model_args(t)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    t.add_argument("--output-format", choices=["text", "jsonl"], default="text",
+                   help="text: one transcript per line (prefixed by the file name when several files); "
+                        "jsonl: one JSON object per file")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def transcribe(args: argparse.Namespace) -> int:
+    from .api import CanaryQwen
+    from .audio import AudioError, load_audio
+
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        print("error: --batch-size and --max-new-tokens must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        asr = CanaryQwen.from_pretrained(args.model, args.llm, device=args.device, dtype=args.dtype,
+                                         merge_lora=args.merge_lora)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        return 2
+    # Decode every file first: a bad file is reported by name and the others still run.
+    waves, errors = {}, {}
+    for f in args.files:
+        try:
+            waves[f] = load_audio(f)
+        except AudioError as e:
+            errors[f] = str(e)
+            print(f"error: {e}", file=sys.stderr)
+    good = [f for f in args.files if f in waves]
+    bar = None
+    if not args.no_progress and len(good) > args.batch_size:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(good), unit="file", file=sys.stderr)
+    try:
+        results = asr.transcribe_samples([waves[f] for f in good], args.batch_size, args.max_new_tokens,
+                                         progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    by_file = dict(zip(good, results))
+    for f in args.files:
+        if args.output_format == "jsonl":
+            r = by_file.get(f)
+            row = {"audio": f, "error": errors[f]} if r is None else {
+                "audio": f, "text": r.text, "token_ids": r.token_ids, "duration": round(r.duration, 4),
+                "finish_reason": r.finish_reason}
+            print(json.dumps(row, ensure_ascii=False))
+        elif f in by_file:
+            print(by_file[f].text if len(args.files) == 1 else f"{f}\t{by_file[f].text}")
+    sys.stdout.flush()
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "transcribe":
+        return transcribe(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
