@@ -108,12 +108,13 @@ class EncoderConfig:
         factor = int(_require(cfg, "subsampling_factor", source))
         if factor < 2 or factor & (factor - 1):
             raise ConfigError(f"{source}: encoder.subsampling_factor={factor} must be a power of two >= 2")
-        kernel = int(_require(cfg, "conv_kernel_size", source))
+        kernel = int(cfg.get("conv_kernel_size", 31))  # NeMo ConformerEncoder defaults from here on
         if kernel % 2 == 0:
             raise ConfigError(f"{source}: encoder.conv_kernel_size={kernel} must be odd")
-        d_model, n_heads = int(_require(cfg, "d_model", source)), int(_require(cfg, "n_heads", source))
+        d_model, n_heads = int(_require(cfg, "d_model", source)), int(cfg.get("n_heads", 4))
         if d_model % n_heads:
             raise ConfigError(f"{source}: encoder.d_model={d_model} is not a multiple of n_heads={n_heads}")
+        channels = int(cfg.get("subsampling_conv_channels", -1))
         return cls(
             feat_in=int(_require(cfg, "feat_in", source)),
             n_layers=int(_require(cfg, "n_layers", source)),
@@ -122,7 +123,7 @@ class EncoderConfig:
             ff_expansion_factor=int(cfg.get("ff_expansion_factor", 4)),
             conv_kernel_size=kernel,
             subsampling_factor=factor,
-            subsampling_conv_channels=int(_require(cfg, "subsampling_conv_channels", source)),
+            subsampling_conv_channels=channels if channels > 0 else d_model,  # NeMo: -1 means d_model
             xscaling=bool(cfg.get("xscaling", True)),  # NeMo's ConformerEncoder default is True
             pos_emb_max_len=int(cfg.get("pos_emb_max_len", 5000)),
         )
