@@ -1,0 +1,57 @@
+"""The two stage interfaces every backend implements. The runtime only talks to these.
+
+Encoder stage (torch | onnxruntime | tensorrt): audio waveforms -> audio embeddings, already projected to
+the LLM's hidden size. Decoder stage (torch | TensorRT-LLM): requests made of prompt ids around one audio
+span -> one new token per running request per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+
+class EncoderBackend(Protocol):
+    """Batching happens inside: callers pass any number of utterances of any lengths."""
+
+    name: str  # "torch" | "onnx" | "tensorrt"
+
+    def encode(self, audio: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """16 kHz mono float32 waveforms -> one [T_enc_i, llm_hidden] tensor per utterance (model dtype,
+        on the decoder's device)."""
+        ...
+
+
+@dataclass
+class DecodeRequest:
+    """One sequence for the decoder: ``pre_ids + audio + post_ids``, then greedy decoding."""
+
+    request_id: int
+    pre_ids: list[int]  # prompt ids before the audio tag
+    audio: torch.Tensor  # [T_enc, llm_hidden] audio embeddings
+    post_ids: list[int]  # prompt ids after the audio tag
+    max_new_tokens: int
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.pre_ids) + self.audio.shape[0] + len(self.post_ids)
+
+
+class DecoderBackend(Protocol):
+    name: str  # "torch" | "trtllm"
+
+    def add(self, request: DecodeRequest) -> None:
+        """Admit a request: it is prefilled (or queued for prefill) and decodes from the next step on."""
+        ...
+
+    def step(self) -> dict[int, int]:
+        """Advance every admitted request by one token: {request_id: new token id}. A request whose
+        token is eos or whose max_new_tokens is reached stays allocated until ``release``."""
+        ...
+
+    def release(self, request_id: int) -> None:
+        """Free the request's memory (KV cache); also cancels it if still running. Idempotent."""
+        ...
