@@ -2,7 +2,7 @@
 
 Encoder stage (torch | onnxruntime | tensorrt): audio waveforms -> audio embeddings, already projected to
 the LLM's hidden size. Decoder stage (torch | TensorRT-LLM): requests made of prompt ids around one audio
-span -> one new token per running request per step.
+span -> new tokens per running request at each step.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ class DecoderBackend(Protocol):
         """Admit a request: it is prefilled (or queued for prefill) and decodes from the next step on."""
         ...
 
-    def step(self) -> dict[int, int]:
-        """Advance every admitted request by one token: {request_id: new token id}. A request whose
-        token is eos or whose max_new_tokens is reached stays allocated until ``release``."""
+    def step(self) -> dict[int, list[int]]:
+        """Advance the admitted requests: {request_id: new token ids since the last step} (one token per
+        step for the torch decoder; TensorRT-LLM may deliver several). A request that produced eos or
+        reached max_new_tokens gets no more tokens but stays allocated until ``release``."""
         ...
 
     def release(self, request_id: int) -> None:
