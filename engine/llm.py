@@ -79,18 +79,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Contiguous per-layer key/value buffers [B, kv_heads, max_len, head_dim], written at ``start``."""
+    """Contiguous per-layer key/value buffers [B, kv_heads, max_len, head_dim] for the reference generator.
+
+    A cache is any object with ``update(layer, k, v) -> (keys, values)``: it stores the new keys/values
+    [B, kv_heads, q, head_dim] and returns what the queries attend to. Here: positions ``start..start+q``
+    are written and positions ``0..start+q`` returned; the caller advances ``start``.
+    """
 
     def __init__(self, cfg: LLMConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.start = 0
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v [B, kv_heads, q, head_dim] at positions start..start+q; return keys/values 0..start+q."""
-        end = start + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.start + k.shape[2]
+        self.k[layer][:, :, self.start : end] = k
+        self.v[layer][:, :, self.start : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -109,7 +114,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
+    def forward(self, x, cos, sin, mask, cache, layer: int):
         """x: [B, q, hidden]; cos/sin: [B, q, hd]; mask: [B, 1, q, kv] bool (True = attend)."""
         b, q, _ = x.shape
         # q_norm / k_norm are per-head RMSNorms applied before RoPE.
@@ -120,7 +125,7 @@ class Attention(nn.Module):
         qs = qs * cos + rotate_half(qs) * sin
         ks = ks * cos + rotate_half(ks) * sin
         if cache is not None:
-            ks, vs = cache.update(layer, start, ks, vs)  # [B, kvh, kv, hd]
+            ks, vs = cache.update(layer, ks, vs)  # [B, kvh, kv, hd]
         out = F.scaled_dot_product_attention(
             qs, ks, vs, attn_mask=mask, scale=self.hd**-0.5, enable_gqa=self.n_heads != self.n_kv
         )  # [B, h, q, hd]
@@ -150,8 +155,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, lora)
 
-    def forward(self, x, cos, sin, mask, cache, layer, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -165,13 +170,14 @@ class Qwen3(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self._inv_freq = rope_inv_freq(cfg)  # not a buffer: derived, and must stay float32
 
-    def forward(self, x, position_ids, mask, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        """x: [B, q, hidden]; position_ids: [B, q]; mask: [B, 1, q, kv] bool (True = attend)."""
+    def forward(self, x, position_ids, mask, cache=None) -> torch.Tensor:
+        """x: [B, q, hidden]; position_ids: [B, q]; mask: [B, 1, q, kv] bool (True = attend); cache: see
+        KVCache (None: attend within x only)."""
         if self._inv_freq.device != x.device:
             self._inv_freq = self._inv_freq.to(x.device)
         cos, sin = rope_cos_sin(self._inv_freq, position_ids, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, start)
+            x = layer(x, cos, sin, mask, cache, i)
         return self.norm(x)
 
     def merge_lora(self) -> None:

@@ -123,7 +123,7 @@ class CanaryQwenModel(nn.Module):
         b, n, _ = embeds.shape
         cache = KVCache(self.cfg.llm, b, n + max_new_tokens, self.dtype, self.device)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
-        hidden = self.llm(embeds, positions, causal_padded_mask(mask), cache, 0)
+        hidden = self.llm(embeds, positions, causal_padded_mask(mask), cache)
         logits = self.logits(hidden[:, -1]).float()  # [B, vocab]
         key_mask = torch.cat([mask, torch.ones(b, max_new_tokens, dtype=torch.bool, device=mask.device)], 1)
         next_pos = positions[:, -1:] + 1  # [B, 1]
@@ -140,7 +140,8 @@ class CanaryQwenModel(nn.Module):
                 break
             x = self.embed_tokens(tok)[:, None]  # [B, 1, H]
             att = key_mask[:, None, None, : n + step + 1]  # [B, 1, 1, kv]
-            hidden = self.llm(x, next_pos, att, cache, n + step)
+            cache.start = n + step
+            hidden = self.llm(x, next_pos, att, cache)
             logits = self.logits(hidden[:, -1]).float()
             next_pos = next_pos + 1
         ids = torch.stack(out_ids, 1).tolist()  # [B, steps]
