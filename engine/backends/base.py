@@ -34,6 +34,7 @@ class DecodeRequest:
     audio: torch.Tensor  # [T_enc, llm_hidden] audio embeddings
     post_ids: list[int]  # prompt ids after the audio tag
     max_new_tokens: int
+    blocks: list[int] | None = None  # KV blocks reserved by the scheduler (torch decoder); None elsewhere
 
     @property
     def prompt_len(self) -> int:
