@@ -47,6 +47,12 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return DTYPES[dtype]
 
 
+def pad_short(wave: np.ndarray, min_samples: int) -> np.ndarray:
+    """Zero-pad a clip shorter than one hop to one hop. Below one hop the frontend has no frame at all (NeMo's
+    per-feature normalisation divides by zero there); one hop gives all-zero features like any 1-frame clip."""
+    return wave if len(wave) >= min_samples else np.pad(wave, (0, min_samples - len(wave)))
+
+
 @dataclass
 class Transcription:
     text: str  # decoded new tokens, special tokens skipped, surrounding whitespace stripped
@@ -60,9 +66,6 @@ class CanaryQwen:
     def __init__(self, model: CanaryQwenModel, tokenizer: Tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        # Below one hop the frontend has no frame at all (per-feature normalisation would divide by zero);
-        # such clips are zero-padded to one hop, which gives all-zero features like any 1-frame clip.
-        self.min_samples = model.cfg.frontend.hop_length
 
     @classmethod
     def from_pretrained(
@@ -110,11 +113,11 @@ class CanaryQwen:
         return results  # type: ignore[return-value]
 
     def _run_batch(self, waves: list[np.ndarray], prompt_ids: list[int], max_new_tokens: int) -> list[Transcription]:
-        lengths = [max(len(w), self.min_samples) for w in waves]
-        audio = torch.zeros(len(waves), max(lengths), dtype=torch.float32)
-        for i, w in enumerate(waves):
-            audio[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
-        lens = torch.tensor(lengths)
+        padded = [pad_short(np.asarray(w, dtype=np.float32), self.model.cfg.frontend.hop_length) for w in waves]
+        lens = torch.tensor([len(w) for w in padded])
+        audio = torch.zeros(len(waves), int(lens.max()), dtype=torch.float32)
+        for i, w in enumerate(padded):
+            audio[i, : len(w)] = torch.from_numpy(w)
         *_, emb_lens, emb = self.model.perception(audio.to(self.device), lens.to(self.device))
         embeds, mask = self.model.splice(
             [prompt_ids] * len(waves), self.tokenizer.audio_id, [emb[i, : emb_lens[i]] for i in range(len(waves))])

@@ -1,0 +1,361 @@
+"""In-flight batching engine: requests join and leave the running batch at every step.
+
+One engine step = admit (encode audio + queue prefill) -> one decoder step (prefill of the admitted, one
+token for every running sequence) -> postprocess (append tokens, stream text, retire finished sequences
+and free their KV blocks at once). A background thread runs steps while there is work; ``submit`` may be
+called from any thread, ``stream`` from any asyncio loop.
+
+``submit`` decodes and resamples the audio in the calling thread (so a bad input fails there, naming it,
+and the engine thread never waits on file I/O), then enqueues it and returns a handle at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import numpy as np
+import torch
+
+from engine.backends.base import DecodeRequest, DecoderBackend, EncoderBackend
+from engine.checkpoint import DEFAULT_MODEL, build_model, resolve
+from engine.encoder import subsampled_lengths
+from engine.frontend import feature_lengths
+from engine.model import CanaryQwenModel
+from engine.prompt import DEFAULT_ASR_PROMPT, Tokenizer
+
+from .api import DEFAULT_MAX_NEW_TOKENS, TARGET_RATE, Transcription, pad_short, pick_device, pick_dtype
+from .audio import AudioInput, load_audio
+from .scheduler import BlockAllocator, QueueFull, Scheduler, Sequence
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineOptions", "RequestHandle", "QueueFull", "EngineClosed"]
+
+
+class EngineClosed(RuntimeError):
+    """The engine is closing or closed and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    max_batch_size: int = 64  # running sequences decoded together
+    max_queue: int = 1024  # requests waiting for admission before submit() raises QueueFull
+    max_prefill_tokens: int = 8192  # prompt tokens (text + audio frames) admitted per step
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # default per request
+    max_seq_len: int = 1024  # prompt + new tokens per request (40 s of audio = 500 frames)
+    kv_block_size: int = 16  # tokens per KV block
+    kv_cache_tokens: int | None = None  # None: free GPU memory x kv_memory_fraction; CPU: batch x seq len
+    kv_memory_fraction: float = 0.8
+    cuda_graphs: bool = True  # capture the decode step (CUDA only); False: eager
+    prompt: str = DEFAULT_ASR_PROMPT
+
+
+class RequestHandle:
+    """What ``submit`` returns: wait for the result, cancel, or watch the text arrive."""
+
+    def __init__(self, request_id: int, engine: "Engine", duration: float,
+                 on_delta: Callable[[str | None], None] | None):
+        self.id, self.duration = request_id, duration
+        self._engine, self._on_delta = engine, on_delta
+        self._done = threading.Event()
+        self._result: Transcription | None = None
+        self._error: BaseException | None = None
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Transcription:
+        """The transcription (finish_reason "stop", "length" or "cancelled"); raises the request's error if
+        it failed, TimeoutError if not done within ``timeout`` seconds."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} not finished after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+    def cancel(self) -> None:
+        """Stop generating and free the request's memory; its result keeps the text produced so far."""
+        self._engine._post(("cancel", self.id))
+
+
+@dataclass
+class _Request:
+    """Engine-thread state of one request."""
+
+    handle: RequestHandle
+    audio: np.ndarray
+    prompt_ids: list[int]
+    max_new_tokens: int
+    prompt_len: int
+    token_ids: list[int]
+    sent: str = ""  # text already streamed
+    finished: bool = False
+
+
+class Engine:
+    def __init__(self, model: CanaryQwenModel, tokenizer: Tokenizer, encoder: EncoderBackend,
+                 decoder: DecoderBackend | None = None, options: EngineOptions = EngineOptions(),
+                 threaded: bool = True):
+        """``decoder`` defaults to the torch decoder over ``model`` with a KV pool sized by ``options``.
+        ``threaded=False``: no background thread; the caller drives ``step()`` (deterministic tests)."""
+        self.model, self.tokenizer, self.encoder, self.options = model, tokenizer, encoder, options
+        bs = options.kv_block_size
+        tokens = options.kv_cache_tokens or self._default_kv_tokens()
+        num_blocks = max(-(-tokens // bs), 2) + 1  # + block 0, the decoder's scratch block
+        self.allocator = BlockAllocator(num_blocks, bs)
+        self.scheduler = Scheduler(self.allocator, options.max_batch_size, options.max_queue,
+                                   options.max_prefill_tokens)
+        if decoder is None:
+            from engine.backends.decoder_torch import TorchDecoder
+
+            decoder = TorchDecoder(model, num_blocks, bs, options.max_batch_size, options.max_seq_len,
+                                   tokenizer.eos_id, cuda_graphs=options.cuda_graphs)
+        self.decoder = decoder
+        self._requests: dict[int, _Request] = {}
+        self._inbox: list[tuple] = []
+        self._queued = 0  # submitted and not yet admitted or finished: bounded by max_queue
+        self._next_id = 0
+        self._cv = threading.Condition()
+        self._closing = False
+        self.steps = 0
+        self._thread = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="canary-trt-engine", daemon=True)
+            self._thread.start()
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, llm: str | os.PathLike | None = None,
+                        device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                        merge_lora: bool = False, encoder: str = "torch", artifacts: str | None = None,
+                        **options) -> "Engine":
+        """Load the release (hub id or folder) and start the engine. ``options``: EngineOptions fields."""
+        from engine.backends.encoder import make_encoder
+
+        dev = pick_device(device)
+        files = resolve(model, llm)
+        net, tok = build_model(files, dtype=pick_dtype(dtype, dev), device=dev, merge_lora=merge_lora)
+        enc = make_encoder(encoder, net, files, artifacts)
+        return cls(net, tok, enc, options=EngineOptions(**options))
+
+    def _default_kv_tokens(self) -> int:
+        o = self.options
+        cap = o.max_batch_size * o.max_seq_len  # more than this can never be in use at once
+        if self.model.device.type != "cuda":
+            return cap
+        from engine.backends.decoder_torch import PagedKV
+
+        free, _ = torch.cuda.mem_get_info(self.model.device)
+        return min(cap, int(free * o.kv_memory_fraction) // PagedKV.bytes_per_token(self.model))
+
+    # ---- client side (any thread) ------------------------------------------------------------------
+
+    def _post(self, msg: tuple) -> None:
+        with self._cv:
+            self._inbox.append(msg)
+            self._cv.notify()
+
+    def prompt_tokens(self, num_samples: int, prompt_ids: list[int]) -> int:
+        """Prompt length once the audio tag becomes T_enc frames (known before running the encoder)."""
+        cfg = self.model.cfg
+        n = torch.tensor([num_samples])
+        return len(prompt_ids) - 1 + int(subsampled_lengths(cfg.encoder, feature_lengths(cfg.frontend, n))[0])
+
+    def submit(self, audio: AudioInput, sample_rate: int | None = None, max_new_tokens: int | None = None,
+               prompt: str | None = None, on_delta: Callable[[str | None], None] | None = None) -> RequestHandle:
+        """Queue one utterance; returns at once. ``on_delta`` (called from the engine thread) gets each new
+        piece of text, then None when the request ends. Raises AudioError (bad input, named), ValueError
+        (too long for max_seq_len / the KV pool), QueueFull or EngineClosed."""
+        max_new = self.options.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if max_new < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+        wave = load_audio(audio, sample_rate)
+        duration = len(wave) / TARGET_RATE
+        wave = pad_short(wave, self.model.cfg.frontend.hop_length)
+        ids = self.tokenizer.prompt_ids(prompt or self.options.prompt)
+        prompt_len = self.prompt_tokens(len(wave), ids)
+        if prompt_len + max_new > self.options.max_seq_len:
+            raise ValueError(f"{duration:.1f} s of audio needs {prompt_len} prompt tokens + "
+                             f"{max_new} new tokens > max_seq_len={self.options.max_seq_len}: split the audio "
+                             f"or raise max_seq_len")
+        self.scheduler.check_fits(Sequence(-1, prompt_len, max_new))  # reads only constants: thread-safe
+        with self._cv:
+            if self._closing:
+                raise EngineClosed("engine is closing: no new requests")
+            if self._queued >= self.options.max_queue:
+                raise QueueFull(f"{self._queued} requests already queued (max_queue={self.options.max_queue})")
+            rid = self._next_id
+            self._next_id += 1
+            handle = RequestHandle(rid, self, duration, on_delta)
+            self._queued += 1
+            self._inbox.append(("submit", _Request(handle, wave, ids, max_new, prompt_len, [])))
+            self._cv.notify()
+        return handle
+
+    async def stream(self, audio: AudioInput, **kw) -> AsyncIterator[str]:
+        """Yield text deltas as they are decoded; cancels the request if the consumer stops early."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        handle = self.submit(audio, on_delta=lambda d: loop.call_soon_threadsafe(queue.put_nowait, d), **kw)
+        try:
+            while (delta := await queue.get()) is not None:
+                yield delta
+            handle.result(0)  # raises if the request failed
+        finally:
+            if not handle.done():
+                handle.cancel()
+
+    def transcribe(self, inputs: list[AudioInput], **kw) -> list[Transcription]:
+        """Submit all, wait for all (the in-flight batch does the grouping)."""
+        return [h.result() for h in [self.submit(x, **kw) for x in inputs]]
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new requests, finish every accepted one, stop the thread."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self.run_until_idle()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stats(self) -> dict:
+        return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                "kv_blocks_used": self.allocator.used_blocks, "kv_blocks_free": self.allocator.free_blocks,
+                "queued": self._queued, "steps": self.steps}
+
+    # ---- engine thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._inbox and self.scheduler.idle and not self._closing:
+                    self._cv.wait()
+                if self._closing and not self._inbox and self.scheduler.idle:
+                    return
+            try:
+                self.step()
+            except BaseException as e:  # a bug in the engine itself: fail everything, keep serving
+                log.exception("engine step failed")
+                for rid in list(self._requests):
+                    self._finish(self._requests[rid], "error", e)
+
+    def run_until_idle(self) -> None:
+        while self._inbox or not self.scheduler.idle:
+            self.step()
+
+    def step(self) -> None:
+        with self._cv:
+            inbox, self._inbox = self._inbox, []
+        for kind, payload in inbox:
+            if kind == "submit":
+                self._requests[payload.handle.id] = payload
+                self.scheduler.add(Sequence(payload.handle.id, payload.prompt_len, payload.max_new_tokens))
+            elif kind == "cancel" and payload in self._requests:
+                self._finish(self._requests[payload], "cancelled")
+        admitted = self.scheduler.schedule()
+        if admitted:
+            with self._cv:
+                self._queued -= len(admitted)
+            self._admit([self._requests[s.id] for s in admitted], admitted)
+        if self.scheduler.running:
+            try:
+                new = self.decoder.step()
+            except Exception as e:  # the batch is lost: fail its requests, free their memory, go on
+                log.exception("decoder step failed")
+                for s in list(self.scheduler.running.values()):
+                    self._finish(self._requests[s.id], "error", e)
+                new = {}
+            for rid, tokens in new.items():
+                if rid in self._requests:
+                    self._on_tokens(self._requests[rid], tokens)
+        self.steps += 1
+
+    def _admit(self, reqs: list[_Request], seqs: list[Sequence]) -> None:
+        """Encode the admitted audio as one batch (one request at a time if the batch fails, so a bad one
+        fails alone), then hand each to the decoder."""
+        try:
+            embeddings = self.encoder.encode([r.audio for r in reqs])
+        except Exception:
+            log.exception("encoder batch failed; retrying one by one")
+            embeddings = []
+            for r in reqs:
+                try:
+                    embeddings.append(self.encoder.encode([r.audio])[0])
+                except Exception as e:
+                    embeddings.append(e)
+        for r, seq, emb in zip(reqs, seqs, embeddings):
+            if isinstance(emb, Exception):
+                self._finish(r, "error", emb)
+                continue
+            k = r.prompt_ids.index(self.tokenizer.audio_id)
+            try:
+                if emb.shape[0] != r.prompt_len - len(r.prompt_ids) + 1:
+                    raise RuntimeError(f"encoder returned {emb.shape[0]} frames, expected "
+                                       f"{r.prompt_len - len(r.prompt_ids) + 1}")
+                self.decoder.add(DecodeRequest(r.handle.id, r.prompt_ids[:k], emb, r.prompt_ids[k + 1 :],
+                                               r.max_new_tokens, seq.blocks))
+            except Exception as e:
+                self._finish(r, "error", e)
+            r.audio = np.empty(0, np.float32)  # the waveform is no longer needed
+
+    def _on_tokens(self, r: _Request, tokens: list[int]) -> None:
+        if r.finished:
+            return
+        if r.handle.first_token_at is None:
+            r.handle.first_token_at = time.perf_counter()
+        for t in tokens:
+            if t == self.tokenizer.eos_id:
+                return self._finish(r, "stop")
+            r.token_ids.append(t)
+            if len(r.token_ids) >= r.max_new_tokens:
+                return self._finish(r, "length")
+        self._emit(r, final=False)
+
+    def _emit(self, r: _Request, final: bool) -> None:
+        """Stream the text that is now stable: not an incomplete UTF-8 character, not trailing spaces
+        (the final text is stripped, and the concatenated deltas must equal it)."""
+        if r.handle._on_delta is None:
+            return
+        text = self.tokenizer.decode(r.token_ids).lstrip()
+        text = text.rstrip() if final else text.rstrip().rstrip("\ufffd")
+        if len(text) > len(r.sent) and text.startswith(r.sent):
+            delta, r.sent = text[len(r.sent) :], text
+            r.handle._on_delta(delta)
+
+    def _finish(self, r: _Request, reason: str, error: BaseException | None = None) -> None:
+        """Retire a request exactly once: free its decoder state and KV blocks, resolve its handle."""
+        if r.finished:
+            return
+        r.finished = True
+        self.decoder.release(r.handle.id)
+        if r.handle.id not in self.scheduler.running:  # retired while still waiting for admission
+            with self._cv:
+                self._queued -= 1
+        self.scheduler.finish(r.handle.id)
+        self._requests.pop(r.handle.id, None)
+        h = r.handle
+        h.finished_at = time.perf_counter()
+        if error is not None:
+            h._error = error if isinstance(error, Exception) else RuntimeError(str(error))
+        else:
+            h._result = Transcription(self.tokenizer.decode(r.token_ids).strip(), list(r.token_ids), h.duration,
+                                      reason)
+            self._emit(r, final=True)
+        h._done.set()
+        if h._on_delta is not None:
+            h._on_delta(None)
