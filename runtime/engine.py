@@ -136,15 +136,30 @@ class Engine:
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, llm: str | os.PathLike | None = None,
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                         merge_lora: bool = False, encoder: str = "torch", artifacts: str | None = None,
-                        **options) -> "Engine":
-        """Load the release (hub id or folder) and start the engine. ``options``: EngineOptions fields."""
+                        decoder: str = "torch", decoder_dir: str | None = None, **options) -> "Engine":
+        """Load the release (hub id or folder) and start the engine.
+
+        ``encoder``: torch | onnx | tensorrt | auto, with ``artifacts`` the folder of build/export_encoder.py;
+        ``decoder``: torch | trtllm, with ``decoder_dir`` the folder of build/build_decoder.py;
+        ``options``: EngineOptions fields."""
         from engine.backends.encoder import make_encoder
+        from engine.checkpoint import file_sha256
 
         dev = pick_device(device)
         files = resolve(model, llm)
         net, tok = build_model(files, dtype=pick_dtype(dtype, dev), device=dev, merge_lora=merge_lora)
         enc = make_encoder(encoder, net, files, artifacts)
-        return cls(net, tok, enc, options=EngineOptions(**options))
+        dec = None
+        if decoder == "trtllm":
+            from engine.backends.decoder_trtllm import TrtllmDecoder
+
+            if decoder_dir is None:
+                raise ValueError("decoder='trtllm' needs decoder_dir (the output of build/build_decoder.py)")
+            dec = TrtllmDecoder(decoder_dir, cuda_graphs=options.get("cuda_graphs", True),
+                                expected_weights_sha256=file_sha256(files.weights))
+        elif decoder != "torch":
+            raise ValueError(f"unknown decoder {decoder!r} (torch | trtllm)")
+        return cls(net, tok, enc, decoder=dec, options=EngineOptions(**options))
 
     def _default_kv_tokens(self) -> int:
         o = self.options
@@ -283,6 +298,11 @@ class Engine:
             for rid, tokens in new.items():
                 if rid in self._requests:
                     self._on_tokens(self._requests[rid], tokens)
+            failed = getattr(self.decoder, "failed", {})
+            for rid in list(failed):
+                msg = failed.pop(rid)
+                if rid in self._requests:
+                    self._finish(self._requests[rid], "error", RuntimeError(f"decoder: {msg}"))
         self.steps += 1
 
     def _admit(self, reqs: list[_Request], seqs: list[Sequence]) -> None:

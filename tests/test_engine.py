@@ -228,3 +228,26 @@ def test_cuda_graphs_equal_eager():
         engine.run_until_idle()
         outs.append([h.result(0).token_ids for h in hs])
     assert outs[0] == outs[1]
+
+
+def test_backend_reported_failure_fails_one_request(loaded, expected):
+    """A backend that reports one request as failed (as TensorRT-LLM does, asynchronously): it fails alone."""
+    engine = make_engine(loaded)
+    real_step = engine.decoder.step
+    engine.decoder.failed = {}
+
+    def step():
+        out = real_step()
+        if engine.steps == 2:
+            engine.decoder.failed[1] = "injected backend error"
+            out.pop(1, None)
+        return out
+
+    engine.decoder.step = step
+    handles = [engine.submit(TINY.audio_path(s)) for s in TINY.stems[2:5]]
+    engine.run_until_idle()
+    with pytest.raises(RuntimeError, match="decoder: injected backend error"):
+        handles[1].result(0)
+    assert handles[0].result(0).token_ids == expected[TINY.stems[2]]
+    assert handles[2].result(0).token_ids == expected[TINY.stems[4]]
+    assert_idle_and_clean(engine)

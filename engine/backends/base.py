@@ -43,6 +43,9 @@ class DecodeRequest:
 
 class DecoderBackend(Protocol):
     name: str  # "torch" | "trtllm"
+    # Optional: {request_id: error message} of requests the backend failed on its own (TensorRT-LLM reports
+    # per-request errors asynchronously); the runtime fails them alone and removes them from this dict.
+    failed: dict[int, str]
 
     def add(self, request: DecodeRequest) -> None:
         """Admit a request: it is prefilled (or queued for prefill) and decodes from the next step on."""
