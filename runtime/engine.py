@@ -17,7 +17,8 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from collections import deque
+from typing import AsyncIterator, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from engine.model import CanaryQwenModel
 from engine.prompt import DEFAULT_ASR_PROMPT, Tokenizer
 
 from .api import DEFAULT_MAX_NEW_TOKENS, TARGET_RATE, Transcription, pad_short, pick_device, pick_dtype
-from .audio import AudioInput, load_audio
+from .audio import AudioError, AudioInput, load_audio
 from .scheduler import BlockAllocator, QueueFull, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,17 @@ class EngineOptions:
     kv_memory_fraction: float = 0.8
     cuda_graphs: bool = True  # capture the decode step (CUDA only); False: eager
     prompt: str = DEFAULT_ASR_PROMPT
+
+
+def _notify(handle: "RequestHandle", delta: str | None) -> None:
+    """Call a request's text callback; a failing callback (e.g. a closed event loop of a client that went
+    away) must not take the engine thread down."""
+    if handle._on_delta is None:
+        return
+    try:
+        handle._on_delta(delta)
+    except Exception:
+        log.warning("text callback of request %d failed", handle.id, exc_info=True)
 
 
 class RequestHandle:
@@ -228,9 +240,45 @@ class Engine:
             if not handle.done():
                 handle.cancel()
 
-    def transcribe(self, inputs: list[AudioInput], **kw) -> list[Transcription]:
-        """Submit all, wait for all (the in-flight batch does the grouping)."""
-        return [h.result() for h in [self.submit(x, **kw) for x in inputs]]
+    def map(self, inputs: Iterable[AudioInput], **kw) -> Iterator[tuple[AudioInput, Transcription | Exception]]:
+        """Transcribe many inputs, yielding ``(input, result)`` in input order as they complete; a bad input
+        yields its exception (AudioError, ValueError, or the request's failure) and the others go on. When
+        the queue is full, waits for the oldest request instead of failing."""
+        window: deque[tuple[AudioInput, RequestHandle | Exception]] = deque()
+
+        def resolve(item):
+            x, h = item
+            if isinstance(h, Exception):
+                return x, h
+            try:
+                return x, h.result()
+            except Exception as e:
+                return x, e
+
+        for x in inputs:
+            while True:
+                try:
+                    window.append((x, self.submit(x, **kw)))
+                    break
+                except QueueFull:
+                    if not window:
+                        raise
+                    yield resolve(window.popleft())
+                except (AudioError, ValueError) as e:
+                    window.append((x, e))
+                    break
+            while window and (isinstance(window[0][1], Exception) or window[0][1].done()):
+                yield resolve(window.popleft())
+        while window:
+            yield resolve(window.popleft())
+
+    def transcribe(self, inputs: Iterable[AudioInput], **kw) -> list[Transcription]:
+        """All results in input order; raises the first failure once every input has been processed."""
+        results = [r for _, r in self.map(inputs, **kw)]
+        error = next((r for r in results if isinstance(r, Exception)), None)
+        if error is not None:
+            raise error
+        return results  # type: ignore[return-value]
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new requests, finish every accepted one, stop the thread."""
@@ -264,10 +312,14 @@ class Engine:
                     return
             try:
                 self.step()
-            except BaseException as e:  # a bug in the engine itself: fail everything, keep serving
+            except Exception as e:  # a bug in the engine itself: fail everything, keep serving
                 log.exception("engine step failed")
                 for rid in list(self._requests):
-                    self._finish(self._requests[rid], "error", e)
+                    try:
+                        self._finish(self._requests[rid], "error", e)
+                    except Exception:
+                        log.exception("could not retire request %d", rid)
+                        self._requests.pop(rid, None)
 
     def run_until_idle(self) -> None:
         while self._inbox or not self.scheduler.idle:
@@ -355,7 +407,7 @@ class Engine:
         text = text.rstrip() if final else text.rstrip().rstrip("\ufffd")
         if len(text) > len(r.sent) and text.startswith(r.sent):
             delta, r.sent = text[len(r.sent) :], text
-            r.handle._on_delta(delta)
+            _notify(r.handle, delta)
 
     def _finish(self, r: _Request, reason: str, error: BaseException | None = None) -> None:
         """Retire a request exactly once: free its decoder state and KV blocks, resolve its handle."""
@@ -377,5 +429,4 @@ class Engine:
                                       reason)
             self._emit(r, final=True)
         h._done.set()
-        if h._on_delta is not None:
-            h._on_delta(None)
+        _notify(h, None)

@@ -251,3 +251,21 @@ def test_backend_reported_failure_fails_one_request(loaded, expected):
     assert handles[0].result(0).token_ids == expected[TINY.stems[2]]
     assert handles[2].result(0).token_ids == expected[TINY.stems[4]]
     assert_idle_and_clean(engine)
+
+
+def test_map_keeps_order_reports_bad_inputs_and_waits_when_full(loaded, expected, tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"garbage")
+    engine = make_engine(loaded, threaded=True, max_queue=1, max_batch_size=2)
+    inputs = [TINY.audio_path(s) for s in TINY.stems] + [bad] + [TINY.audio_path(TINY.stems[0])]
+    out = list(engine.map(inputs))
+    engine.close(30)
+    assert [x for x, _ in out] == inputs
+    for (x, r), stem in zip(out, TINY.stems + [None, TINY.stems[0]]):
+        if stem is None:
+            assert "bad.wav: cannot decode audio" in str(r)
+        else:
+            assert r.token_ids == expected[stem]
+    with pytest.raises(Exception, match="bad.wav"):
+        make_engine(loaded).transcribe([bad])
+    assert_idle_and_clean(engine)
