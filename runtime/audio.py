@@ -1,6 +1,7 @@
 """Audio input: decode, downmix to mono, resample to 16 kHz float32.
 
-Files and bytes are decoded by libsndfile (``soundfile``: WAV, FLAC, OGG/Vorbis/Opus, MP3, ...); resampling
+Files and bytes are decoded by libsndfile (``soundfile``: WAV, FLAC, OGG/Vorbis/Opus, MP3, ...), and what it
+cannot read (M4A/AAC, WebM, ...) by FFmpeg through PyAV when that is installed (extra ``serving``); resampling
 uses soxr (the SoX resampler, high quality). Arrays and tensors need their sample rate. Every error names
 the input it is about.
 """
@@ -71,11 +72,39 @@ def _decode(data, name: str) -> tuple[np.ndarray, int]:
 
     try:
         samples, rate = sf.read(data, dtype="float32", always_2d=True)
-    except sf.LibsndfileError as e:
-        raise AudioError(f"{name}: cannot decode audio ({e})") from None
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise AudioError(f"{name}: cannot decode audio ({e})") from None
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        # libsndfile has no M4A/AAC or WebM; FFmpeg (through PyAV, optional) has. Its error is only a
+        # second opinion, so the message keeps libsndfile's reason.
+        fallback = _decode_av(data)
+        if fallback is None:
+            raise AudioError(f"{name}: cannot decode audio ({e})") from None
+        samples, rate = fallback
     return samples, rate
+
+
+def _decode_av(data) -> tuple[np.ndarray, int] | None:
+    """Decode with FFmpeg via PyAV: [samples, channels] float32 and the rate; None if PyAV is missing, finds no
+    audio stream, fails, or decodes nothing."""
+    try:
+        import av
+    except ImportError:
+        return None
+    if hasattr(data, "seek"):
+        data.seek(0)
+    try:
+        with av.open(data) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            to_planar = av.AudioResampler(format="fltp")  # keeps layout and rate: downmix/resample stay ours
+            chunks = [f.to_ndarray() for frame in container.decode(stream) for f in to_planar.resample(frame)]
+            chunks += [f.to_ndarray() for f in to_planar.resample(None)]
+            rate = stream.codec_context.sample_rate
+    except (av.FFmpegError, ValueError, OSError):
+        return None
+    if not chunks:
+        return None
+    return np.concatenate(chunks, axis=1).T, int(rate)  # [channels, samples] -> [samples, channels]
 
 
 def load_audio(source: AudioInput, sample_rate: int | None = None) -> np.ndarray:

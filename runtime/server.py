@@ -1,0 +1,411 @@
+"""OpenAI-compatible transcription server over the in-flight batching engine.
+
+``POST /v1/audio/transcriptions`` takes OpenAI's multipart form (``file``, ``model``, ``response_format``
+json | text | verbose_json | srt | vtt, ``stream``, ``language``) and answers in OpenAI's shapes, errors included
+(``{"error": {"message", "type", "param", "code"}}``), so the official clients work unchanged. With
+``stream=true`` the answer is server-sent events: ``transcript.text.delta`` events, then one
+``transcript.text.done`` (the shape of OpenAI's streaming transcription models).
+
+Every request is decoded and checked in the server (size, duration, decodability) before the engine sees it, so
+a bad one is answered alone with a 4xx. A client that goes away has its request cancelled in the engine, which
+frees its KV blocks at the next step. Shutdown (SIGTERM) stops accepting connections, lets in-flight requests
+finish, then drains and closes the engine.
+
+FastAPI, uvicorn, python-multipart and prometheus-client (extra ``serving``) are imported only when an app is
+built, so the CLI can list ``serve`` without them.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request), which are
+# imported inside create_app.
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+from .api import TRAINED_MAX_SECONDS
+from .audio import TARGET_RATE, AudioError, load_audio
+from .engine import EngineClosed, EngineOptions, QueueFull
+
+log = logging.getLogger(__name__)
+
+RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields around the file
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str = "canary-qwen-2.5b"  # the id clients pass as `model` and /v1/models lists
+    max_upload_bytes: int = 25 * 1024 * 1024  # OpenAI's own upload limit
+    max_audio_seconds: float = TRAINED_MAX_SECONDS  # longer audio -> 413 (the model degrades beyond 40 s)
+    retry_after_s: int = 1  # Retry-After of 429 (queue full) and 503 (shutting down)
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape; ``kind`` is the `code` and the errors-by-kind metric label."""
+
+    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+             429: "rate_limit_error", 499: "client_closed_request"}
+
+    def __init__(self, status: int, message: str, kind: str, param: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.retry_after = status, message, kind, param, retry_after
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.kind}}
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _limit_body(receive, limit: int):
+    """Wrap an ASGI ``receive`` to stop reading a request body (sent without Content-Length) past ``limit``."""
+    seen = 0
+
+    async def wrapped():
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _BodyTooLarge
+        return message
+
+    return wrapped
+
+
+async def _disconnected(receive) -> None:
+    """Return when the client goes away. Only valid once the body is read: then the server's next message for
+    this request can only be ``http.disconnect``."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _timestamp(seconds: float, sep: str) -> str:
+    ms = int(round(seconds * 1000))
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
+
+
+def format_transcription(fmt: str, text: str, duration: float, token_ids: list[int]):
+    """The body of a finished transcription in ``fmt``: a dict (JSON) or a string. The model gives no timestamps,
+    so verbose_json, srt and vtt have one segment spanning the whole audio."""
+    if fmt == "json":
+        return {"text": text, "usage": {"type": "duration", "seconds": duration}}
+    if fmt == "text":
+        return text + "\n"
+    if fmt == "verbose_json":
+        segment = {"id": 0, "seek": 0, "start": 0.0, "end": duration, "text": text, "tokens": token_ids,
+                   "temperature": 0.0}  # greedy decoding
+        return {"task": "transcribe", "language": "english", "duration": duration, "text": text,
+                "segments": [segment], "usage": {"type": "duration", "seconds": duration}}
+    if fmt == "srt":
+        return f"1\n{_timestamp(0, ',')} --> {_timestamp(duration, ',')}\n{text}\n\n"
+    if fmt == "vtt":
+        return f"WEBVTT\n\n{_timestamp(0, '.')} --> {_timestamp(duration, '.')}\n{text}\n\n"
+    raise ValueError(fmt)
+
+
+class _Metrics:
+    """Prometheus metrics in a registry of their own (several apps may live in one process)."""
+
+    def __init__(self, engine):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        Gauge("canary_queue_depth", "Requests accepted and waiting for admission", registry=r).set_function(
+            lambda: engine.stats()["queued"])
+        Gauge("canary_running_sequences", "Sequences in the running batch", registry=r).set_function(
+            lambda: engine.stats()["running"])
+        Gauge("canary_kv_blocks_used", "KV cache blocks in use", registry=r).set_function(
+            lambda: engine.stats()["kv_blocks_used"])
+        self.in_progress = Gauge("canary_requests_in_progress", "HTTP transcription requests being served",
+                                 registry=r)
+        self.latency = Histogram("canary_request_latency_seconds", "Upload received to last token",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("canary_time_to_first_token_seconds", "Upload received to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.audio = Counter("canary_audio_seconds", "Seconds of audio transcribed", registry=r)
+        self.tokens = Counter("canary_generated_tokens", "Tokens generated", registry=r)
+        self.finished = Counter("canary_requests_finished", "Transcriptions by finish reason", ["reason"],
+                                registry=r)
+        self.errors = Counter("canary_request_errors", "Failed requests by kind", ["kind"], registry=r)
+
+    def done(self, t0: float, handle, result) -> None:
+        self.finished.labels(result.finish_reason).inc()
+        self.audio.inc(result.duration)
+        self.tokens.inc(len(result.token_ids))
+        if result.finish_reason != "cancelled":
+            self.latency.observe(handle.finished_at - t0)
+            if handle.first_token_at is not None:
+                self.ttft.observe(handle.first_token_at - t0)
+
+
+def create_app(engine, settings: ServerSettings = ServerSettings()):
+    """The FastAPI app serving ``engine``. Its shutdown drains and closes the engine."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+
+    metrics = _Metrics(engine)
+    state = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state["ready"] = True
+        yield
+        state["ready"] = False  # uvicorn has already waited for in-flight requests
+        await asyncio.to_thread(engine.close)
+        log.info("engine drained and closed")
+
+    app = FastAPI(title="canary-trt", lifespan=lifespan)
+
+    def error_response(e: ApiError) -> JSONResponse:
+        metrics.errors.labels(e.kind).inc()
+        headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):  # 404/405 routes, malformed multipart: OpenAI's shape
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        return error_response(ApiError(exc.status_code, str(exc.detail), kind))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if not state["ready"]:
+            return JSONResponse({"status": "not ready"}, status_code=503)
+        return {"status": "ready", "model": settings.model_name, **engine.stats()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "canary-trt"}]}
+
+    async def read_request(request: Request) -> tuple[bytes, str, bool]:
+        """The uploaded bytes, response format and stream flag, or ApiError naming what is wrong."""
+        limit = settings.max_upload_bytes + FORM_OVERHEAD
+        too_large = ApiError(413, f"upload larger than the limit of {settings.max_upload_bytes} bytes",
+                             "upload_too_large", "file")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large  # answered without reading the body
+        try:
+            form = await Request(request.scope, _limit_body(request.receive, limit)).form(max_files=1,
+                                                                                           max_fields=32)
+        except _BodyTooLarge:
+            raise too_large from None
+        try:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(400, "missing the audio upload: send it as the multipart file field 'file'",
+                               "missing_file", "file")
+            model = form.get("model") or settings.model_name
+            if model != settings.model_name:
+                raise ApiError(404, f"model {model!r} does not exist; this server serves {settings.model_name!r}",
+                               "model_not_found", "model")
+            fmt = form.get("response_format") or "json"
+            if fmt not in RESPONSE_FORMATS:
+                raise ApiError(400, f"response_format {fmt!r} is not one of {', '.join(RESPONSE_FORMATS)}",
+                               "invalid_response_format", "response_format")
+            stream = str(form.get("stream") or "false").lower()
+            if stream not in ("true", "false"):
+                raise ApiError(400, f"stream must be true or false, got {stream!r}", "invalid_stream", "stream")
+            language = str(form.get("language") or "en").lower()
+            if language not in ("en", "english"):
+                raise ApiError(400, f"language {language!r} is not supported: this model transcribes English",
+                               "unsupported_language", "language")
+            data = await upload.read()
+        finally:
+            await form.close()
+        if len(data) > settings.max_upload_bytes:
+            raise too_large
+        return data, fmt, stream == "true"
+
+    async def submit(data: bytes, t0: float):
+        """Decode, check the duration, queue in the engine. Returns the handle and an asyncio queue of text
+        deltas ending with None."""
+        try:
+            wave = await asyncio.to_thread(load_audio, data)  # decoding is CPU work: off the event loop
+        except AudioError as e:
+            raise ApiError(400, f"invalid audio file: {e}", "invalid_audio", "file") from None
+        seconds = len(wave) / TARGET_RATE
+        if seconds > settings.max_audio_seconds:
+            raise ApiError(413, f"audio is {seconds:.1f} s long, more than the limit of "
+                                f"{settings.max_audio_seconds:g} s: split it", "audio_too_long", "file")
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue = asyncio.Queue()
+
+        def finished():  # every finished request, answered or cancelled, is counted here
+            try:
+                metrics.done(t0, handle, handle.result(0))
+            except Exception:
+                pass  # failures are counted where they are answered
+
+        def on_delta(delta):  # engine thread; must never raise there (it would fail the whole batch)
+            try:
+                loop.call_soon_threadsafe(deltas.put_nowait, delta)
+                if delta is None:
+                    loop.call_soon_threadsafe(finished)  # runs after submit() has returned the handle
+            except RuntimeError:  # the loop is gone: nobody is listening any more
+                pass
+
+        try:
+            handle = engine.submit(wave, TARGET_RATE, on_delta=on_delta)
+        except QueueFull as e:
+            raise ApiError(429, f"server busy: {e}", "queue_full", retry_after=settings.retry_after_s) from None
+        except EngineClosed as e:
+            raise ApiError(503, str(e), "shutting_down", retry_after=settings.retry_after_s) from None
+        except ValueError as e:  # too long for max_seq_len or the KV pool
+            raise ApiError(413, str(e), "audio_too_long", "file") from None
+        return handle, deltas
+
+    def failed(e: Exception) -> ApiError:
+        log.error("transcription failed: %s", e)
+        return ApiError(500, f"transcription failed: {e}", "internal_error")
+
+    async def sse(handle, deltas: asyncio.Queue):
+        # Starlette cancels this generator when the client disconnects: `finally` then cancels the request.
+        try:
+            while (delta := await deltas.get()) is not None:
+                yield f"data: {json.dumps({'type': 'transcript.text.delta', 'delta': delta})}\n\n"
+            try:
+                result = handle.result(0)
+            except Exception as e:  # the engine failed it: tell the client in the stream (OpenAI's error event)
+                error = failed(e)
+                metrics.errors.labels(error.kind).inc()
+                yield f"data: {json.dumps(error.body())}\n\n"
+                return
+            yield f"data: {json.dumps({'type': 'transcript.text.done', 'text': result.text})}\n\n"
+        finally:
+            if not handle.done():
+                handle.cancel()
+                metrics.errors.labels("client_disconnected").inc()
+            metrics.in_progress.dec()
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request):
+        metrics.in_progress.inc()
+        streaming = False
+        try:
+            data, fmt, stream = await read_request(request)
+            t0 = time.perf_counter()
+            handle, deltas = await submit(data, t0)
+            if stream:
+                streaming = True  # the generator owns in_progress from here
+                return StreamingResponse(sse(handle, deltas), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"})
+            finished = asyncio.ensure_future(_wait_end(deltas))
+            gone = asyncio.ensure_future(_disconnected(request.receive))
+            await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finished.cancel()
+            gone.cancel()
+            if not handle.done():  # the client went away first: free the engine for the others
+                handle.cancel()
+                raise ApiError(499, "client disconnected", "client_disconnected")
+            try:
+                result = handle.result(0)
+            except Exception as e:
+                raise failed(e) from None
+            body = format_transcription(fmt, result.text, result.duration, result.token_ids)
+            if isinstance(body, dict):
+                return JSONResponse(body)
+            return PlainTextResponse(body, media_type="text/vtt" if fmt == "vtt" else "text/plain")
+        except ApiError as e:
+            return error_response(e)
+        finally:
+            if not streaming:
+                metrics.in_progress.dec()
+
+    return app
+
+
+async def _wait_end(deltas: asyncio.Queue) -> None:
+    while await deltas.get() is not None:
+        pass
+
+
+# ---- command line: `canary-trt serve` ---------------------------------------------------------------------
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Backends and EngineOptions, shared by ``serve`` and ``triton-repo``."""
+    d = EngineOptions()
+    p.add_argument("--encoder", default="torch", help="encoder backend (default: %(default)s)")
+    p.add_argument("--artifacts", default=None, help="folder of built encoder artifacts (ONNX / TensorRT)")
+    p.add_argument("--engine-dir", default=None,
+                   help="TensorRT-LLM decoder build (build/build_decoder.py): decode with TensorRT-LLM")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="running sequences (%(default)s)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="waiting requests before 429 (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="prompt + new tokens (%(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="per request (%(default)s)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size (default: from free memory)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """``Engine.from_pretrained`` keyword arguments from the model and engine arguments (JSON-serialisable)."""
+    return {"model": str(args.model), "llm": args.llm and str(args.llm), "device": args.device, "dtype": args.dtype,
+            "merge_lora": args.merge_lora, "encoder": args.encoder, "artifacts": args.artifacts,
+            "max_batch_size": args.max_batch_size, "max_queue": args.max_queue, "max_seq_len": args.max_seq_len,
+            "max_new_tokens": args.max_new_tokens, "kv_cache_tokens": args.kv_cache_tokens,
+            "cuda_graphs": not args.no_cuda_graphs,
+            **({"decoder": "trtllm", "decoder_dir": str(args.engine_dir)} if args.engine_dir else {})}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``canary-trt serve``."""
+    from .cli import _add_model_args  # here, not at the top: cli imports this module
+
+    _add_model_args(parser)
+    add_engine_arguments(parser)
+    d = ServerSettings()
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=d.model_name, help="the `model` clients pass (%(default)s)")
+    parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20,
+                        help="larger uploads get 413 (default: %(default)s)")
+    parser.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds,
+                        help="longer audio gets 413 (default: %(default)s)")
+    parser.add_argument("--drain-timeout", type=float, default=300.0,
+                        help="seconds to let in-flight requests finish after SIGTERM (default: %(default)s)")
+
+
+def serve(engine, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
+          drain_timeout: float | None = 300.0) -> None:
+    """Serve until SIGINT/SIGTERM; then finish in-flight requests (up to ``drain_timeout`` s) and close. uvicorn
+    re-raises the signal afterwards, so the process ends as terminated by it (what process managers expect)."""
+    import uvicorn
+
+    app = create_app(engine, settings)
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=drain_timeout, log_level="info")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``canary-trt serve``."""
+    from .engine import Engine
+
+    settings = ServerSettings(model_name=args.served_model_name, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                              max_audio_seconds=args.max_audio_seconds)
+    try:
+        engine = Engine.from_pretrained(**engine_kwargs(args))
+    except (OSError, ValueError) as e:
+        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        return 2
+    serve(engine, settings, args.host, args.port, args.drain_timeout)
+    return 0

@@ -1,0 +1,315 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, driven by the official ``openai`` client: every response
+format, streaming, concurrency against offline transcription, bad inputs, limits, back-pressure, client
+disconnects, metrics and SIGTERM draining."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+pytest.importorskip("fastapi", reason="needs the serving extra")
+openai = pytest.importorskip("openai", reason="needs the official openai client")
+
+from serving_helpers import GATE_ENV, TINY, LiveServer, build_engine, encode_audio, golden_text  # noqa: E402
+from runtime.server import ServerSettings  # noqa: E402
+
+MODEL = ServerSettings.model_name
+SETTINGS = ServerSettings(max_upload_bytes=1 << 20, max_audio_seconds=10.0)
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metric(url: str, name: str) -> float:
+    """One sample of /metrics (0 when the labelled series does not exist yet)."""
+    for line in get(url + "/metrics")[1].splitlines():
+        if line.split(" ")[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = LiveServer(build_engine(max_batch_size=8), SETTINGS)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def transcribe(client, stem: str, **kw):
+    with TINY.audio_path(stem).open("rb") as f:
+        return client.audio.transcriptions.create(model=MODEL, file=f, **kw)
+
+
+def assert_serves_correctly(client):
+    assert transcribe(client, "a4_stella").text == golden_text("a4_stella")
+
+
+def test_offline_reference_matches_goldens(server):
+    """The reference the concurrency test compares with: the engine alone gives NeMo's texts."""
+    results = server.engine.transcribe([TINY.audio_path(s) for s in TINY.stems])
+    assert [r.text for r in results] == [golden_text(s) for s in TINY.stems]
+
+
+def test_every_response_format(client):
+    stem = "a3_fox"
+    text, seconds = golden_text(stem), TINY.meta["audio_files"][2]["duration_s"]
+    r = transcribe(client, stem)
+    assert r.text == text and r.usage.seconds == pytest.approx(seconds)
+    assert transcribe(client, stem, response_format="text") == text + "\n"
+    v = transcribe(client, stem, response_format="verbose_json")
+    assert v.text == text and v.duration == pytest.approx(seconds) and v.language == "english"
+    assert len(v.segments) == 1 and v.segments[0].end == pytest.approx(seconds) and v.segments[0].text == text
+    ids = TINY.tensors[f"single.{stem}.gen_ids"].tolist()
+    assert v.segments[0].tokens == ids  # this utterance hits max_new_tokens, so no end-of-turn id to drop
+    assert transcribe(client, stem, response_format="srt") == f"1\n00:00:00,000 --> 00:00:02,725\n{text}\n\n"
+    assert transcribe(client, stem, response_format="vtt") == f"WEBVTT\n\n00:00:00.000 --> 00:00:02.725\n{text}\n\n"
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_streaming_events(client):
+    for stem in ("a4_stella", "a1_yes"):
+        events = list(transcribe(client, stem, stream=True))
+        *deltas, done = events
+        assert done.type == "transcript.text.done" and done.text == golden_text(stem)
+        assert deltas and all(e.type == "transcript.text.delta" for e in deltas)
+        assert "".join(e.delta for e in deltas) == done.text
+
+
+def test_other_containers(client):
+    """m4a/aac and webm/opus (FFmpeg through PyAV) and flac (libsndfile) all decode and transcribe."""
+    pytest.importorskip("av", reason="PyAV decodes m4a and webm")
+    wave, rate = sf.read(str(TINY.audio_path("a1_yes")), dtype="float32")
+    for name, data in [("x.m4a", encode_audio(wave, rate, "ipod", "aac", 16000)),
+                       ("x.webm", encode_audio(wave, rate, "webm", "libopus", 48000))]:
+        r = client.audio.transcriptions.create(model=MODEL, file=(name, data), response_format="verbose_json")
+        assert abs(r.duration - len(wave) / rate) < 0.15, name  # whole, plus AAC priming / frame padding
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, wave, rate, format="FLAC")
+    assert client.audio.transcriptions.create(model=MODEL, file=("x.flac", buf.getvalue())).text == golden_text("a1_yes")
+
+
+def test_concurrent_requests_equal_offline_transcription(server, client):
+    stems = [TINY.stems[i % len(TINY.stems)] for i in range(40)]
+    offline = {r_stem: r.text for r_stem, r in zip(TINY.stems, server.engine.transcribe(
+        [TINY.audio_path(s) for s in TINY.stems]))}
+
+    def one(i):
+        stem = stems[i]
+        if i % 3 == 0:  # a third of them streamed
+            return stem, [e for e in transcribe(client, stem, stream=True)][-1].text
+        return stem, transcribe(client, stem).text
+
+    with ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(one, range(len(stems))))
+    assert [text for _, text in results] == [offline[stem] for stem, _ in results]
+    wait_for(lambda: server.engine.stats()["running"] == 0, what="engine idle")
+
+
+@pytest.mark.parametrize("case", ["garbage", "empty", "truncated", "wrong_field", "wrong_model", "bad_format",
+                                  "oversize_upload", "too_long_audio"])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, case):
+    wav = TINY.audio_path("a2_morning").read_bytes()
+    status, code, word = {
+        "garbage": (400, "invalid_audio", "cannot decode audio"),
+        "empty": (400, "invalid_audio", "empty upload"),
+        "truncated": (400, "invalid_audio", "cannot decode audio"),
+        "wrong_field": (400, "missing_file", "'file'"),
+        "wrong_model": (404, "model_not_found", "whisper-1"),
+        "bad_format": (400, "invalid_response_format", "response_format"),
+        "oversize_upload": (413, "upload_too_large", "1048576 bytes"),
+        "too_long_audio": (413, "audio_too_long", "limit of 10 s"),
+    }[case]
+    with pytest.raises(openai.APIStatusError) as e:
+        if case == "wrong_field":  # the audio sent under another name: the raw client lets us misname it
+            client.post("/audio/transcriptions", cast_to=object,
+                        options={"headers": {"Content-Type": "multipart/form-data"}},
+                        files=[("audio", ("x.wav", wav))], body={"model": MODEL})
+        else:
+            data = {"garbage": b"this is not audio at all" * 40, "empty": b"", "truncated": wav[:40],  # cut inside the header
+                    "oversize_upload": b"\0" * (SETTINGS.max_upload_bytes + 1),
+                    "too_long_audio": _long_wav(12.0)}.get(case, wav)
+            client.audio.transcriptions.create(
+                model="whisper-1" if case == "wrong_model" else MODEL, file=("speech.wav", data),
+                response_format="mp4" if case == "bad_format" else "json")
+    err = e.value
+    assert err.status_code == status
+    assert err.body["code"] == code and word in err.body["message"], err.body
+    assert set(err.body) == {"message", "type", "param", "code"}
+    assert metric(server.url, f'canary_request_errors_total{{kind="{code}"}}') >= 1
+    assert_serves_correctly(client)
+
+
+def _long_wav(seconds: float) -> bytes:
+    import io
+
+    wave, rate = sf.read(str(TINY.audio_path("a5_numbers")), dtype="float32")
+    buf = io.BytesIO()
+    sf.write(buf, np.tile(wave, int(seconds * rate / len(wave)) + 1), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_cancels_the_request(server, stream):
+    """The encoder is held so the request is certainly in flight when the client goes away; once released, the
+    engine finishes it as cancelled and every counter returns to zero."""
+    engine = server.engine
+    cancelled = metric(server.url, 'canary_requests_finished_total{reason="cancelled"}')
+    gone = metric(server.url, 'canary_request_errors_total{kind="client_disconnected"}')
+    engine.encoder.gate.clear()
+    try:
+        impatient = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=1.0)
+        with pytest.raises(Exception, match="(?i)timed? ?out"):  # then the client closes the connection
+            if stream:
+                with transcribe(impatient, "a5_numbers", stream=True) as events:
+                    list(events)
+            else:
+                transcribe(impatient, "a5_numbers")
+        impatient.close()
+        if not stream:  # the server notices at once; a stream's generator notices when Starlette cancels it
+            wait_for(lambda: metric(server.url, 'canary_request_errors_total{kind="client_disconnected"}') > gone,
+                     what="the server to see the disconnect")
+    finally:
+        engine.encoder.gate.set()
+    wait_for(lambda: metric(server.url, 'canary_requests_finished_total{reason="cancelled"}') > cancelled,
+             what="the engine to cancel the request")
+    wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["queued"] == 0, what="engine idle")
+    stats = engine.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["waiting"] == 0
+    assert metric(server.url, "canary_requests_in_progress") == 0
+    assert metric(server.url, 'canary_request_errors_total{kind="client_disconnected"}') == gone + 1
+
+
+def test_health_ready_and_metrics(server, client):
+    assert get(server.url + "/health") == (200, json.dumps({"status": "ok"}, separators=(",", ":")))
+    status, body = get(server.url + "/ready")
+    assert status == 200 and json.loads(body)["status"] == "ready"
+    tokens, audio = metric(server.url, "canary_generated_tokens_total"), metric(server.url, "canary_audio_seconds_total")
+    latency = metric(server.url, "canary_request_latency_seconds_count")
+    r = transcribe(client, "a3_fox", response_format="verbose_json")
+    assert metric(server.url, "canary_generated_tokens_total") == tokens + len(r.segments[0].tokens)
+    assert metric(server.url, "canary_audio_seconds_total") == pytest.approx(audio + r.duration)
+    assert metric(server.url, "canary_request_latency_seconds_count") == latency + 1
+    text = get(server.url + "/metrics")[1]
+    for name in ("canary_queue_depth", "canary_running_sequences", "canary_time_to_first_token_seconds_bucket",
+                 "canary_kv_blocks_used"):
+        assert name in text
+    status, body = get(server.url + "/no/such/route")
+    assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+
+
+def test_queue_full_gets_429_with_retry_after():
+    """max_queue=2 and the encoder held: one request is admitted (and held), two wait, the fourth is refused;
+    after release all three accepted ones complete correctly."""
+    server = LiveServer(build_engine(max_queue=2), SETTINGS)
+    try:
+        engine = server.engine
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        engine.encoder.gate.clear()
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(transcribe, client, "a2_morning")]
+            wait_for(lambda: engine.stats()["running"] == 1, what="the first request admitted (and held)")
+            futures += [pool.submit(transcribe, client, "a1_yes") for _ in range(2)]
+            wait_for(lambda: engine.stats()["queued"] == 2, what="two queued requests")
+            with pytest.raises(openai.RateLimitError) as e:
+                transcribe(client, "a3_fox")
+            assert e.value.status_code == 429 and e.value.response.headers["Retry-After"] == "1"
+            assert e.value.body["code"] == "queue_full"
+            engine.encoder.gate.set()
+            assert [f.result(120).text for f in futures] == [golden_text("a2_morning"), *[golden_text("a1_yes")] * 2]
+    finally:
+        engine.encoder.gate.set()
+        server.stop()
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path):
+    """A server process gets SIGTERM while requests are held in flight: it stops accepting connections, finishes
+    every accepted request correctly, then exits."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gate = tmp_path / "gate"
+    gate.touch()
+    env = {**os.environ, GATE_ENV: str(gate), "PYTHONPATH": os.pathsep.join(sys.path)}
+    log = open(tmp_path / "server.log", "w+")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "serving_helpers.py"), str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _reachable(url), timeout=120, what="the server process")
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        stems = ["a1_yes", "a3_fox", "a4_stella", "a2_morning"]
+        with ThreadPoolExecutor(len(stems)) as pool:
+            futures = [pool.submit(transcribe, client, s, stream=i % 2 == 1) for i, s in enumerate(stems)]
+            wait_for(lambda: metric(url, "canary_requests_in_progress") == len(stems), what="requests in flight")
+            proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: not _reachable(url), what="the listening socket to close")
+            assert proc.poll() is None  # still draining: the held requests have not finished
+            gate.unlink()
+            results = [f.result(120) for f in futures]
+        texts = [r.text if i % 2 == 0 else list(r)[-1].text for i, r in enumerate(results)]
+        assert texts == [golden_text(s) for s in stems]
+        # uvicorn re-raises the signal once drained, so the process ends as terminated by SIGTERM
+        assert proc.wait(60) == -signal.SIGTERM
+        log.seek(0)
+        assert "Traceback" not in log.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def _reachable(url: str) -> bool:
+    try:
+        return get(url + "/health")[0] == 200
+    except OSError:
+        return False
+
+
+def test_cli_hooks_parse_into_engine_and_server_settings():
+    import argparse
+
+    from runtime.server import add_arguments, engine_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--max-queue", "3", "--engine-dir", "build/dec", "--port", "9000",
+                              "--no-cuda-graphs", "--max-audio-seconds", "12"])
+    kw = engine_kwargs(args)
+    assert kw["model"] == "m" and kw["max_queue"] == 3 and kw["cuda_graphs"] is False
+    assert kw["decoder"] == "trtllm" and kw["decoder_dir"] == "build/dec"
+    assert (args.host, args.port, args.max_audio_seconds) == ("127.0.0.1", 9000, 12.0)
+    assert "decoder" not in engine_kwargs(parser.parse_args([]))
