@@ -93,6 +93,9 @@ class FeedForward(nn.Module):
 class RelPositionAttention(nn.Module):
     """Transformer-XL relative-position multi-head attention with untied biases (NeMo rel_pos)."""
 
+    # Set by the fp16/bf16 ONNX export only: scores and softmax in this dtype (overflow-safe); None = model dtype.
+    scores_dtype: torch.dtype | None = None
+
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
         self.h, self.d_k = n_heads, d_model // n_heads
@@ -121,12 +124,14 @@ class RelPositionAttention(nn.Module):
         p = self.linear_pos(pos).view(pos.shape[0], -1, self.h, self.d_k).transpose(1, 2)  # [1, h, 2T-1, dk]
         q_u = (q + self.pos_bias_u).transpose(1, 2)  # [B, h, T, dk]
         q_v = (q + self.pos_bias_v).transpose(1, 2)
+        if self.scores_dtype is not None:
+            q_u, q_v, k, p = (t.to(self.scores_dtype) for t in (q_u, q_v, k, p))
         ac = torch.matmul(q_u, k.transpose(-2, -1))  # [B, h, T, T]
         bd = self.rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))[..., :t]  # [B, h, T, T]
         scores = (ac + bd) / math.sqrt(self.d_k)
         mask = att_mask.unsqueeze(1)  # [B, 1, T, T]
         attn = torch.softmax(scores.masked_fill(mask, -NEG_INF), dim=-1).masked_fill(mask, 0.0)
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, t, self.h * self.d_k)  # [B, T, d]
+        out = torch.matmul(attn.to(v.dtype), v).transpose(1, 2).reshape(b, t, self.h * self.d_k)  # [B, T, d]
         return self.linear_out(out)
 
 
@@ -180,12 +185,21 @@ class ConformerEncoder(nn.Module):
         self.pre_encode = ConvSubsampling(cfg)
         self.layers = nn.ModuleList(ConformerLayer(cfg) for _ in range(cfg.n_layers))
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor,
+                pos_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pos_table``: ``relative_positions(M, d_model)`` for some M >= T_enc (the ONNX export passes one
+        sized for its maximum duration: an arange on the traced length would freeze it). Its centre 2T-1 rows
+        are bit-identical to the table computed for T."""
         x, lengths = self.pre_encode(features.transpose(1, 2), lengths)  # [B, T_enc, d]
         if self.cfg.xscaling:
             x = x * math.sqrt(self.cfg.d_model)
         t = x.shape[1]
-        pos = relative_positions(t, self.cfg.d_model, x.device).to(x.dtype)
+        if pos_table is None:
+            pos = relative_positions(t, self.cfg.d_model, x.device)
+        else:
+            m = (pos_table.shape[1] + 1) // 2
+            pos = pos_table[:, m - t : m + t - 1]  # [1, 2T-1, d]: positions T-1 ... -(T-1)
+        pos = pos.to(x.dtype)
         valid = length_mask(lengths, t)  # [B, T]
         att_mask = ~(valid[:, None, :] & valid[:, :, None])  # [B, T, T] True if query or key is padding
         pad_mask = ~valid

@@ -8,6 +8,7 @@ bf16-rounded, and recomputing them moves the features enough to change transcrip
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import FrontendConfig
@@ -33,6 +34,23 @@ def normalize_per_feature(x: torch.Tensor, lengths: torch.Tensor, eps: float) ->
     return (x - mean.unsqueeze(2)) / std.unsqueeze(2)
 
 
+def preemphasize(cfg: FrontendConfig, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Pre-emphasis, then zero everything past each utterance's end (padding must not leak in). [B, N]."""
+    x = torch.cat((audio[:, :1], audio[:, 1:] - cfg.preemph * audio[:, :-1]), dim=1)
+    inside = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+    return x.masked_fill(~inside, 0.0)
+
+
+def power_to_features(cfg: FrontendConfig, fb: torch.Tensor, power: torch.Tensor,
+                      seq_len: torch.Tensor) -> torch.Tensor:
+    """Power spectrum [B, n_freqs, T] -> normalised log-mel [B, n_mels, T], frames t >= seq_len set to pad_value."""
+    mel = torch.matmul(fb.float(), power)  # [1, n_mels, n_freqs] @ [B, n_freqs, T] -> [B, n_mels, T]
+    mel = torch.log(mel + cfg.log_guard)
+    mel = normalize_per_feature(mel, seq_len, cfg.norm_eps)
+    pad = torch.arange(mel.shape[2], device=mel.device)[None, :] >= seq_len[:, None]  # [B, T]
+    return mel.masked_fill(pad.unsqueeze(1), cfg.pad_value)
+
+
 class MelFrontend(nn.Module):
     """audio [B, N] float32 + lengths [B] -> features [B, n_mels, N // hop + 1] + feature lengths [B]."""
 
@@ -45,12 +63,8 @@ class MelFrontend(nn.Module):
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        audio = audio.float()
         seq_len = feature_lengths(cfg, lengths)
-        # Pre-emphasis, then zero everything past each utterance's end (padding must not leak in).
-        x = torch.cat((audio[:, :1], audio[:, 1:] - cfg.preemph * audio[:, :-1]), dim=1)
-        inside = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
-        x = x.masked_fill(~inside, 0.0)
+        x = preemphasize(cfg, audio.float(), lengths)
         spec = torch.stft(
             x,
             n_fft=cfg.n_fft,
@@ -63,9 +77,48 @@ class MelFrontend(nn.Module):
         )  # [B, n_freqs, T]
         # Magnitude then power, in NeMo's order: sqrt(re^2 + im^2) ** 2 is not bit-equal to re^2 + im^2.
         mag = torch.sqrt(torch.view_as_real(spec).pow(2).sum(-1))
-        power = mag.pow(cfg.mag_power)
-        mel = torch.matmul(self.fb.float(), power)  # [1, n_mels, n_freqs] @ [B, n_freqs, T] -> [B, n_mels, T]
-        mel = torch.log(mel + cfg.log_guard)
-        mel = normalize_per_feature(mel, seq_len, cfg.norm_eps)
-        pad = torch.arange(mel.shape[2], device=mel.device)[None, :] >= seq_len[:, None]  # [B, T]
-        return mel.masked_fill(pad.unsqueeze(1), cfg.pad_value), seq_len
+        return power_to_features(cfg, self.fb, mag.pow(cfg.mag_power), seq_len), seq_len
+
+
+def dft_basis(cfg: FrontendConfig, window: torch.Tensor) -> torch.Tensor:
+    """Windowed real DFT as convolution weights: [2 * n_freqs, 1, n_fft] float32, cosines then sines.
+
+    Row k holds w[n] cos(2 pi k n / n_fft) (row n_freqs + k: -w[n] sin(...)), with the window centred in
+    n_fft as torch.stft pads a shorter one. Built in float64 with k * n reduced mod n_fft, so each weight
+    is the correctly rounded float32 of the exact value.
+    """
+    n = torch.arange(cfg.n_fft, dtype=torch.float64)
+    k = torch.arange(cfg.n_freqs, dtype=torch.float64)
+    angle = 2 * torch.pi * torch.remainder(k[:, None] * n[None, :], cfg.n_fft) / cfg.n_fft  # [n_freqs, n_fft]
+    left = (cfg.n_fft - cfg.win_length) // 2
+    w = torch.zeros(cfg.n_fft, dtype=torch.float64)
+    w[left : left + cfg.win_length] = window.double()
+    basis = torch.cat((torch.cos(angle) * w, -torch.sin(angle) * w))  # [2 * n_freqs, n_fft]
+    return basis.float().unsqueeze(1)
+
+
+class ConvMelFrontend(nn.Module):
+    """The export form of ``MelFrontend``: same inputs, outputs and steps, with the STFT computed as a strided
+    Conv1d over a fixed windowed DFT basis, so the graph holds only operators the TensorRT ONNX parser
+    supports (it has no STFT / DFT in TensorRT 10). Always float32.
+
+    Not bit-equal to torch.stft (a direct 512-term sum instead of an FFT): the difference is float32 rounding,
+    amplified by log() in near-silent bins, like MelFrontend's own distance to NeMo.
+    """
+
+    def __init__(self, frontend: MelFrontend):
+        super().__init__()
+        self.cfg = frontend.cfg
+        self.register_buffer("basis", dft_basis(self.cfg, frontend.window))
+        self.register_buffer("fb", frontend.fb.detach().float().clone())
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        seq_len = feature_lengths(cfg, lengths)
+        x = preemphasize(cfg, audio.float(), lengths)
+        # center=True with constant padding: n_fft // 2 zeros on each side, then frames every hop samples.
+        x = F.pad(x.unsqueeze(1), (cfg.n_fft // 2, cfg.n_fft // 2))  # [B, 1, N + n_fft]
+        spec = F.conv1d(x, self.basis, stride=cfg.hop_length)  # [B, 2 * n_freqs, N // hop + 1]
+        re, im = spec[:, : cfg.n_freqs], spec[:, cfg.n_freqs :]
+        mag = torch.sqrt(re.pow(2) + im.pow(2))  # NeMo's order again: magnitude, then power
+        return power_to_features(cfg, self.fb, mag.pow(cfg.mag_power), seq_len), seq_len

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from engine.backends.base import EncoderBackend
 from engine.checkpoint import DEFAULT_MODEL, build_model, resolve
 from engine.model import CanaryQwenModel
 from engine.prompt import DEFAULT_ASR_PROMPT, Tokenizer
@@ -63,9 +64,11 @@ class Transcription:
 
 
 class CanaryQwen:
-    def __init__(self, model: CanaryQwenModel, tokenizer: Tokenizer):
+    def __init__(self, model: CanaryQwenModel, tokenizer: Tokenizer, encoder: EncoderBackend | None = None):
+        """``encoder``: an encoder backend (ONNX Runtime, TensorRT, ...); None runs the model's own perception."""
         self.model = model
         self.tokenizer = tokenizer
+        self.encoder = encoder
 
     @classmethod
     def from_pretrained(
@@ -75,13 +78,21 @@ class CanaryQwen:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         merge_lora: bool = False,
+        encoder: str = "auto",
+        artifacts: str | os.PathLike | None = None,
     ) -> "CanaryQwen":
         """``model``: hub id or folder of the release; ``llm``: base LLM hub id or folder (default: the one
         named in config.json, or the NeMo 3.0 files inside the model folder). ``merge_lora`` folds the
-        adapter into the weights (faster, not bit-exact)."""
+        adapter into the weights (faster, not bit-exact). ``encoder``: torch | onnx | tensorrt | auto (the
+        best that the ``artifacts`` folder, written by build/export_encoder.py, allows here)."""
         dev = pick_device(device)
-        net, tok = build_model(resolve(model, llm), dtype=pick_dtype(dtype, dev), device=dev, merge_lora=merge_lora)
-        return cls(net, tok)
+        files = resolve(model, llm)
+        net, tok = build_model(files, dtype=pick_dtype(dtype, dev), device=dev, merge_lora=merge_lora)
+        if encoder in ("auto", "torch") and artifacts is None:
+            return cls(net, tok)
+        from engine.backends.encoder import make_encoder
+
+        return cls(net, tok, make_encoder(encoder, net, files, artifacts))
 
     @property
     def device(self) -> torch.device:
@@ -114,13 +125,16 @@ class CanaryQwen:
 
     def _run_batch(self, waves: list[np.ndarray], prompt_ids: list[int], max_new_tokens: int) -> list[Transcription]:
         padded = [pad_short(np.asarray(w, dtype=np.float32), self.model.cfg.frontend.hop_length) for w in waves]
-        lens = torch.tensor([len(w) for w in padded])
-        audio = torch.zeros(len(waves), int(lens.max()), dtype=torch.float32)
-        for i, w in enumerate(padded):
-            audio[i, : len(w)] = torch.from_numpy(w)
-        *_, emb_lens, emb = self.model.perception(audio.to(self.device), lens.to(self.device))
-        embeds, mask = self.model.splice(
-            [prompt_ids] * len(waves), self.tokenizer.audio_id, [emb[i, : emb_lens[i]] for i in range(len(waves))])
+        if self.encoder is not None:
+            audio_emb = self.encoder.encode(padded)
+        else:
+            lens = torch.tensor([len(w) for w in padded])
+            audio = torch.zeros(len(waves), int(lens.max()), dtype=torch.float32)
+            for i, w in enumerate(padded):
+                audio[i, : len(w)] = torch.from_numpy(w)
+            *_, emb_lens, emb = self.model.perception(audio.to(self.device), lens.to(self.device))
+            audio_emb = [emb[i, : emb_lens[i]] for i in range(len(waves))]
+        embeds, mask = self.model.splice([prompt_ids] * len(waves), self.tokenizer.audio_id, audio_emb)
         gens = self.model.generate(embeds, mask, max_new_tokens, self.tokenizer.eos_id, self.tokenizer.pad_id)
         out = []
         for w, gen in zip(waves, gens):

@@ -1,4 +1,4 @@
-"""``canary-trt`` command line: ``canary-trt transcribe FILE... [options]``."""
+"""``canary-trt`` command line: ``canary-trt transcribe FILE... [options]``, ``canary-trt check-encoder ...``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text: one transcript per line (prefixed by the file name when several files); "
                         "jsonl: one JSON object per file")
     t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    t.add_argument("--encoder", choices=["auto", "torch", "onnx", "tensorrt"], default="auto",
+                   help="encoder backend (default: the best that --artifacts allows here, else torch)")
+    t.add_argument("--artifacts", default=None, metavar="DIR", help="encoder artifacts (build/export_encoder.py)")
+    c = sub.add_parser("check-encoder", help="compare an ONNX/TensorRT encoder with the torch reference")
+    c.add_argument("files", nargs="+", metavar="FILE", help="audio files; mixed lengths make padded batches")
+    c.add_argument("--model", default=DEFAULT_MODEL, help="hub id or folder of the release (default: %(default)s)")
+    c.add_argument("--llm", default=None, help="base LLM hub id or folder (its config only: the LLM is not loaded)")
+    c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when present)")
+    c.add_argument("--artifacts", required=True, metavar="DIR", help="encoder artifacts (build/export_encoder.py)")
+    c.add_argument("--backend", choices=["onnx", "tensorrt"], required=True)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--min-cosine", type=float, default=0.999,
+                   help="exit code 1 if an utterance's cosine similarity is below this (default: %(default)s)")
     return parser
 
 
@@ -47,8 +60,8 @@ def transcribe(args: argparse.Namespace) -> int:
         return 2
     try:
         asr = CanaryQwen.from_pretrained(args.model, args.llm, device=args.device, dtype=args.dtype,
-                                         merge_lora=args.merge_lora)
-    except (OSError, ValueError) as e:
+                                         merge_lora=args.merge_lora, encoder=args.encoder, artifacts=args.artifacts)
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
     # Decode every file first: a bad file is reported by name and the others still run.
@@ -85,12 +98,60 @@ def transcribe(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def check_encoder(args: argparse.Namespace) -> int:
+    """Per utterance: max abs error, relative error and cosine of the backend's embeddings vs the torch
+    float32 encoder, both run as length-bucketed padded batches of ``--batch-size``."""
+    import torch
+
+    from engine.backends.encoder import open_encoder
+    from engine.backends.encoder_torch import TorchEncoder
+    from engine.checkpoint import resolve
+    from engine.export.onnx import load_perception
+
+    from .api import pick_device
+    from .audio import AudioError, load_audio
+
+    if args.batch_size < 1:
+        print("error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        files = resolve(args.model, args.llm)
+        dev = pick_device(args.device)
+        perception = load_perception(files).to(dev)  # float32, without the LLM
+        backend = open_encoder(args.backend, perception, files.weights, args.artifacts, dev, torch.float32,
+                               args.batch_size)
+        waves = [load_audio(f) for f in args.files]
+        got = backend.encode(waves)  # raises for audio longer than the artifacts take
+    except (OSError, ValueError, RuntimeError, AudioError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    reference = TorchEncoder(perception, args.batch_size).encode(waves)
+    worst_cos, ok = 1.0, True
+    print(f"# {args.backend} ({getattr(backend, 'precision', '?')}) vs torch float32 on {dev}")
+    print("file\tframes\tmax_abs_err\trel_err\tcosine")
+    for f, ref, out in zip(args.files, reference, got):
+        if out.shape != ref.shape:
+            print(f"{f}\tshape {tuple(out.shape)} != {tuple(ref.shape)}")
+            ok = False
+            continue
+        a, b = out.double().flatten(), ref.double().flatten()
+        err = (a - b).abs().max().item()
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+        worst_cos = min(worst_cos, cos)
+        print(f"{f}\t{ref.shape[0]}\t{err:.3e}\t{err / b.abs().max().item():.3e}\t{cos:.7f}")
+    ok = ok and worst_cos >= args.min_cosine
+    print(f"# {'ok' if ok else 'FAILED'}: worst cosine {worst_cos:.7f} (threshold {args.min_cosine})")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "transcribe":
         return transcribe(args)
+    if args.command == "check-encoder":
+        return check_encoder(args)
     return 2
 
 
