@@ -1,4 +1,4 @@
-"""``canary-trt`` command line: ``canary-trt transcribe FILE... [options]``, ``canary-trt check-encoder ...``."""
+"""``canary-trt`` command line: transcribe, check-encoder, serve, triton-repo."""
 
 from __future__ import annotations
 
@@ -22,22 +22,56 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge-lora", action="store_true", help="fold LoRA into the weights (faster, not bit-exact)")
 
 
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Model, backends and EngineOptions: shared by ``transcribe``, ``serve`` and ``triton-repo``."""
+    from .engine import EngineOptions
+
+    d = EngineOptions()
+    _add_model_args(p)
+    p.add_argument("--encoder", choices=["auto", "torch", "onnx", "tensorrt"], default="auto",
+                   help="encoder backend (default: the best that --artifacts allows here, else torch)")
+    p.add_argument("--artifacts", default=None, metavar="DIR", help="encoder artifacts (build/export_encoder.py)")
+    p.add_argument("--engine-dir", default=None, metavar="DIR",
+                   help="TensorRT-LLM decoder build (build/build_decoder.py): decode with TensorRT-LLM")
+    p.add_argument("--max-batch-size", "--batch-size", dest="max_batch_size", type=int, default=d.max_batch_size,
+                   help="sequences decoded together in the in-flight batch (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="requests waiting for admission before new ones are refused (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
+                   help="prompt + audio frames (12.5 per second) + new tokens per request (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="per request (default: %(default)s)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV pool size in tokens (default: from free GPU memory; CPU: batch x max-seq-len)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """``Engine.from_pretrained`` keywords from ``add_engine_arguments``' flags (JSON-serialisable)."""
+    if args.max_batch_size < 1 or args.max_new_tokens < 1:
+        raise ValueError("--max-batch-size and --max-new-tokens must be >= 1")
+    return {"model": str(args.model), "llm": args.llm and str(args.llm), "device": args.device, "dtype": args.dtype,
+            "merge_lora": args.merge_lora, "encoder": args.encoder, "artifacts": args.artifacts,
+            "max_batch_size": args.max_batch_size, "max_queue": args.max_queue, "max_seq_len": args.max_seq_len,
+            "max_new_tokens": args.max_new_tokens, "kv_cache_tokens": args.kv_cache_tokens,
+            "cuda_graphs": not args.no_cuda_graphs,
+            **({"decoder": "trtllm", "decoder_dir": str(args.engine_dir)} if args.engine_dir else {})}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import server
+    from .triton import repository
+
     parser = argparse.ArgumentParser(prog="canary-trt", description="Fast, exact Canary-Qwen-2.5B inference.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and warnings")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("transcribe", help="transcribe audio files")
     t.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, mp3, ...)")
-    _add_model_args(t)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    add_engine_arguments(t)
     t.add_argument("--output-format", choices=["text", "jsonl"], default="text",
                    help="text: one transcript per line (prefixed by the file name when several files); "
                         "jsonl: one JSON object per file")
     t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    t.add_argument("--encoder", choices=["auto", "torch", "onnx", "tensorrt"], default="auto",
-                   help="encoder backend (default: the best that --artifacts allows here, else torch)")
-    t.add_argument("--artifacts", default=None, metavar="DIR", help="encoder artifacts (build/export_encoder.py)")
+    t.set_defaults(func=transcribe)
     c = sub.add_parser("check-encoder", help="compare an ONNX/TensorRT encoder with the torch reference")
     c.add_argument("files", nargs="+", metavar="FILE", help="audio files; mixed lengths make padded batches")
     c.add_argument("--model", default=DEFAULT_MODEL, help="hub id or folder of the release (default: %(default)s)")
@@ -48,53 +82,50 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--min-cosine", type=float, default=0.999,
                    help="exit code 1 if an utterance's cosine similarity is below this (default: %(default)s)")
+    c.set_defaults(func=check_encoder)
+    s = sub.add_parser("serve", help="OpenAI-compatible transcription server")
+    server.add_arguments(s)
+    s.set_defaults(func=server.run)
+    r = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository")
+    repository.add_arguments(r)
+    r.set_defaults(func=repository.run)
     return parser
 
 
 def transcribe(args: argparse.Namespace) -> int:
-    from .api import CanaryQwen
-    from .audio import AudioError, load_audio
+    """Every file goes through the in-flight engine; results print in input order as they complete. A file
+    that fails is reported by name and the others go on; the exit code is then 1."""
+    from .engine import Engine
 
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        print("error: --batch-size and --max-new-tokens must be >= 1", file=sys.stderr)
-        return 2
     try:
-        asr = CanaryQwen.from_pretrained(args.model, args.llm, device=args.device, dtype=args.dtype,
-                                         merge_lora=args.merge_lora, encoder=args.encoder, artifacts=args.artifacts)
+        engine = Engine.from_pretrained(**engine_kwargs(args))
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
-    # Decode every file first: a bad file is reported by name and the others still run.
-    waves, errors = {}, {}
-    for f in args.files:
-        try:
-            waves[f] = load_audio(f)
-        except AudioError as e:
-            errors[f] = str(e)
-            print(f"error: {e}", file=sys.stderr)
-    good = [f for f in args.files if f in waves]
     bar = None
-    if not args.no_progress and len(good) > args.batch_size:
+    if not args.no_progress and (len(args.files) > 1 and sys.stderr.isatty() or len(args.files) > 64):
         from tqdm import tqdm
 
-        bar = tqdm(total=len(good), unit="file", file=sys.stderr)
-    try:
-        results = asr.transcribe_samples([waves[f] for f in good], args.batch_size, args.max_new_tokens,
-                                         progress=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
-    by_file = dict(zip(good, results))
-    for f in args.files:
-        if args.output_format == "jsonl":
-            r = by_file.get(f)
-            row = {"audio": f, "error": errors[f]} if r is None else {
-                "audio": f, "text": r.text, "token_ids": r.token_ids, "duration": round(r.duration, 4),
-                "finish_reason": r.finish_reason}
-            print(json.dumps(row, ensure_ascii=False))
-        elif f in by_file:
-            print(by_file[f].text if len(args.files) == 1 else f"{f}\t{by_file[f].text}")
-    sys.stdout.flush()
+        bar = tqdm(total=len(args.files), unit="file", file=sys.stderr)
+    errors = 0
+    with engine:
+        for f, r in engine.map(args.files):
+            if bar:
+                bar.update()
+            if isinstance(r, Exception):
+                errors += 1
+                msg = str(r) if str(f) in str(r) else f"{f}: {r}"
+                print(f"error: {msg}", file=sys.stderr)
+                if args.output_format == "jsonl":
+                    print(json.dumps({"audio": f, "error": msg}, ensure_ascii=False), flush=True)
+            elif args.output_format == "jsonl":
+                print(json.dumps({"audio": f, "text": r.text, "token_ids": r.token_ids,
+                                  "duration": round(r.duration, 4), "finish_reason": r.finish_reason},
+                                 ensure_ascii=False), flush=True)
+            else:
+                print(r.text if len(args.files) == 1 else f"{f}\t{r.text}", flush=True)
+    if bar:
+        bar.close()
     return 1 if errors else 0
 
 
@@ -148,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "transcribe":
-        return transcribe(args)
-    if args.command == "check-encoder":
-        return check_encoder(args)
-    return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from conftest import FIXTURES, Golden
+from engine.backends.encoder import make_encoder
+from engine.backends.encoder_torch import TorchEncoder
 from engine.checkpoint import build_model, resolve
 from runtime.audio import load_audio
 from runtime.engine import Engine, EngineClosed, EngineOptions, QueueFull
@@ -19,24 +21,9 @@ from runtime.engine import Engine, EngineClosed, EngineOptions, QueueFull
 TINY = Golden(FIXTURES / "tiny-canary-qwen")
 
 
-class _TorchEncoder:  # stand-in until the encoder backends land
-    name = "torch"
-
-    def __init__(self, model):
-        self.model = model
-
-    @torch.inference_mode()
-    def encode(self, audio):
-        lens = torch.tensor([len(a) for a in audio])
-        x = torch.zeros(len(audio), int(lens.max()))
-        for i, a in enumerate(audio):
-            x[i, : len(a)] = torch.from_numpy(a)
-        *_, el, emb = self.model.perception(x.to(self.model.device), lens.to(self.model.device))
-        return [emb[i, : el[i]] for i in range(len(audio))]
-
-
-def make_encoder(kind, model, files, artifacts):
-    return _TorchEncoder(model)
+def _TorchEncoder(model):  # noqa: N802  (other tests import it under this name)
+    """The torch encoder stage of a loaded model."""
+    return TorchEncoder(model.perception)
 
 
 @pytest.fixture(scope="module")
