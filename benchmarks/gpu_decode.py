@@ -30,28 +30,13 @@ from common import random_model, release_dicts, small_dicts, speech_like_duratio
 
 from engine.backends.base import DecodeRequest  # noqa: E402
 from engine.backends.decoder_torch import TorchDecoder  # noqa: E402
+from engine.backends.encoder_torch import TorchEncoder  # noqa: E402
 from runtime.engine import Engine, EngineOptions  # noqa: E402
 from runtime.scheduler import BlockAllocator  # noqa: E402
 
 # Peak memory bandwidth (bytes/s) by device name, for the floor. --bandwidth overrides.
 BANDWIDTH = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12,
              "A100-SXM4-80GB": 2.04e12, "A100-SXM4-40GB": 1.56e12, "L40S": 0.864e12}
-
-
-class _Encoder:
-    name = "torch"
-
-    def __init__(self, model):
-        self.model = model
-
-    @torch.inference_mode()
-    def encode(self, audio):
-        lens = torch.tensor([len(a) for a in audio])
-        x = torch.zeros(len(audio), int(lens.max()))
-        for i, a in enumerate(audio):
-            x[i, : len(a)] = torch.from_numpy(a)
-        *_, el, emb = self.model.perception(x.to(self.model.device), lens.to(self.model.device))
-        return [emb[i, : el[i]] for i in range(len(audio))]
 
 
 def sync(device):
@@ -139,7 +124,7 @@ def main(argv=None) -> int:
                      "graph_ms": round(graph[b] * 1e3, 3) if b in graph else None,
                      "floor_ms": round(floor * 1e3, 3) if floor else None})
     durations = speech_like_durations(args.requests if not args.small else 16, seed=1)
-    enc = _Encoder(model)
+    enc = TorchEncoder(model.perception, max_batch=64)
     e2e = {"eager": rtfx(model, tok, enc, durations, False, args.max_batch_size)}
     if dev.type == "cuda":
         e2e["cuda_graphs"] = rtfx(model, tok, enc, durations, True, args.max_batch_size)

@@ -31,25 +31,8 @@ import torch
 from common import random_model, small_dicts, speech_like_durations, tokens_for
 
 from engine.prompt import Tokenizer  # noqa: E402  (path set by common)
+from engine.backends.encoder_torch import TorchEncoder  # noqa: E402
 from runtime.engine import Engine, EngineOptions  # noqa: E402
-
-
-class _BatchEncoder:
-    """Frontend + encoder + projection on a padded batch (the torch encoder stage)."""
-
-    name = "torch"
-
-    def __init__(self, model):
-        self.model = model
-
-    @torch.inference_mode()
-    def encode(self, audio):
-        lens = torch.tensor([len(a) for a in audio])
-        x = torch.zeros(len(audio), int(lens.max()))
-        for i, a in enumerate(audio):
-            x[i, : len(a)] = torch.from_numpy(a)
-        *_, el, emb = self.model.perception(x, lens)
-        return [emb[i, : el[i]] for i in range(len(audio))]
 
 
 def no_eos(tok: Tokenizer) -> Tokenizer:
@@ -114,7 +97,7 @@ def main(argv=None) -> int:
     salm, llm = small_dicts()
     model, tok = random_model(salm, llm)
     no_eos(tok)
-    enc = _BatchEncoder(model)
+    enc = TorchEncoder(model.perception, max_batch=64)
     durations = speech_like_durations(args.requests, args.seed)
     rng = np.random.default_rng(args.seed)
     waves = [(rng.standard_normal(int(d * 16000)) * 0.05).astype(np.float32) for d in durations]
