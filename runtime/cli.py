@@ -1,4 +1,4 @@
-"""``canary-trt`` command line: transcribe, check-encoder, serve, triton-repo."""
+"""``canary-trt`` command line: transcribe, check-encoder, serve, triton-repo, bench, bench-serve."""
 
 from __future__ import annotations
 
@@ -58,7 +58,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import server
+    from benchmarks import load, rtfx  # here: their add_arguments import this module
+
+    from . import longform, server
     from .triton import repository
 
     parser = argparse.ArgumentParser(prog="canary-trt", description="Fast, exact Canary-Qwen-2.5B inference.")
@@ -67,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("transcribe", help="transcribe audio files")
     t.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, mp3, ...)")
     add_engine_arguments(t)
-    t.add_argument("--output-format", choices=["text", "jsonl"], default="text",
+    t.add_argument("--output-format", choices=list(longform.OUTPUT_FORMATS), default="text",
                    help="text: one transcript per line (prefixed by the file name when several files); "
-                        "jsonl: one JSON object per file")
+                        "jsonl: one JSON object per file; json/srt/vtt: timestamped segments (long-form)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    longform.add_arguments(t)
     t.set_defaults(func=transcribe)
     c = sub.add_parser("check-encoder", help="compare an ONNX/TensorRT encoder with the torch reference")
     c.add_argument("files", nargs="+", metavar="FILE", help="audio files; mixed lengths make padded batches")
@@ -89,13 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository")
     repository.add_arguments(r)
     r.set_defaults(func=repository.run)
+    b = sub.add_parser("bench", help="RTFx and WER on manifests, as the Open ASR Leaderboard measures them")
+    rtfx.add_arguments(b)
+    b.set_defaults(func=rtfx.run)
+    lp = sub.add_parser("bench-serve", help="load test of a running server: latency, TTFT, throughput")
+    load.add_arguments(lp)
+    lp.set_defaults(func=load.run)
     return parser
 
 
 def transcribe(args: argparse.Namespace) -> int:
     """Every file goes through the in-flight engine; results print in input order as they complete. A file
-    that fails is reported by name and the others go on; the exit code is then 1."""
+    that fails is reported by name and the others go on; the exit code is then 1. Long-form (any length,
+    VAD segments, timestamps) when asked for or when a timestamped format is."""
+    from . import longform
     from .engine import Engine
+
+    if args.long_form or args.output_format in ("json", "srt", "vtt"):
+        return longform.run(args)
 
     try:
         engine = Engine.from_pretrained(**engine_kwargs(args))

@@ -211,8 +211,8 @@ class Engine:
         prompt_len = self.prompt_tokens(len(wave), ids)
         if prompt_len + max_new > self.options.max_seq_len:
             raise ValueError(f"{duration:.1f} s of audio needs {prompt_len} prompt tokens + "
-                             f"{max_new} new tokens > max_seq_len={self.options.max_seq_len}: split the audio "
-                             f"or raise max_seq_len")
+                             f"{max_new} new tokens > max_seq_len={self.options.max_seq_len}: use long-form "
+                             f"transcription (--long-form, runtime.longform) or raise max_seq_len")
         self.scheduler.check_fits(Sequence(-1, prompt_len, max_new))  # reads only constants: thread-safe
         with self._cv:
             if self._closing:
