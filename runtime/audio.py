@@ -4,25 +4,36 @@ Files and bytes are decoded by libsndfile (``soundfile``: WAV, FLAC, OGG/Vorbis/
 cannot read (M4A/AAC, WebM, ...) by FFmpeg through PyAV when that is installed (extra ``serving``); resampling
 uses soxr (the SoX resampler, high quality). Arrays and tensors need their sample rate. Every error names
 the input it is about.
+
+Encoded input is decoded in blocks and downmixed block by block, so memory holds mono samples only, and with
+``max_seconds`` decoding stops once past it: a few hundred KB of FLAC or Opus silence can decode to hours of
+samples, which an upload limit in bytes does not bound.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import numpy as np
 
 TARGET_RATE = 16000
 MAX_CHANNELS = 64
+MIN_RATE, MAX_RATE = 1000, 768000
+BLOCK_FRAMES = 1 << 16  # frames decoded per read: bounds a read's memory whatever the file declares
 
 AudioInput = Union[str, os.PathLike, bytes, bytearray, np.ndarray, "torch.Tensor"]  # noqa: F821
 
 
 class AudioError(ValueError):
     """An input could not be turned into 16 kHz mono samples; the message names the input."""
+
+
+class AudioTooLong(AudioError):
+    """The input is longer than the ``max_seconds`` its caller accepts (decoding stopped there)."""
 
 
 def describe(source) -> str:
@@ -67,24 +78,58 @@ def resample(samples: np.ndarray, rate: int, target: int = TARGET_RATE) -> np.nd
     return soxr.resample(samples, rate, target, quality="HQ").astype(np.float32, copy=False)
 
 
-def _decode(data, name: str) -> tuple[np.ndarray, int]:
+def _check_rate(rate, name: str) -> None:
+    if not isinstance(rate, (int, np.integer)) or not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(f"{name}: implausible sample rate {rate!r}")
+
+
+def _check_length(frames: int, rate: int, max_seconds: float | None, name: str) -> None:
+    if max_seconds is not None and frames > max_seconds * rate:
+        raise AudioTooLong(f"{name}: audio is longer than {max_seconds:g} s")
+
+
+def _collect(blocks: Iterator[np.ndarray], rate: int, channels: int, name: str,
+             max_seconds: float | None) -> np.ndarray:
+    """Decoded [frames, channels] blocks -> mono samples at ``rate``, checked before and while reading."""
+    _check_rate(rate, name)
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(f"{name}: {channels} channels is not plausible audio")
+    mono, frames = [], 0
+    for block in blocks:
+        with np.errstate(over="ignore", invalid="ignore"):  # huge float samples overflow: the finite check says so
+            mono.append(block.mean(axis=1, dtype=np.float32))  # exact for one channel
+        frames += len(block)
+        _check_length(frames, rate, max_seconds, name)
+    return np.concatenate(mono) if mono else np.empty(0, np.float32)
+
+
+def _sf_blocks(f) -> Iterator[np.ndarray]:
+    # Read until libsndfile returns nothing: a header's frame count may be absurd either way.
+    while len(block := f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)):
+        yield block
+
+
+def _decode(data, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     try:
-        samples, rate = sf.read(data, dtype="float32", always_2d=True)
+        with sf.SoundFile(data) as f:
+            return _collect(_sf_blocks(f), f.samplerate, f.channels, name, max_seconds), f.samplerate
+    except AudioError:
+        raise  # libsndfile read it fine; the audio itself is unacceptable
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        # libsndfile has no M4A/AAC or WebM; FFmpeg (through PyAV, optional) has. Its error is only a
-        # second opinion, so the message keeps libsndfile's reason.
-        fallback = _decode_av(data)
-        if fallback is None:
-            raise AudioError(f"{name}: cannot decode audio ({e})") from None
-        samples, rate = fallback
-    return samples, rate
+        reason = e
+    # libsndfile has no M4A/AAC or WebM; FFmpeg (through PyAV, optional) has. Its error is only a second
+    # opinion, so the message keeps libsndfile's reason.
+    decoded = _decode_av(data, name, max_seconds)
+    if decoded is None:
+        raise AudioError(f"{name}: cannot decode audio ({reason})") from None
+    return decoded
 
 
-def _decode_av(data) -> tuple[np.ndarray, int] | None:
-    """Decode with FFmpeg via PyAV: [samples, channels] float32 and the rate; None if PyAV is missing, finds no
-    audio stream, fails, or decodes nothing."""
+def _decode_av(data, name: str, max_seconds: float | None) -> tuple[np.ndarray, int] | None:
+    """Decode with FFmpeg via PyAV: mono float32 and the rate; None if PyAV is missing, finds no audio stream,
+    fails, or decodes nothing."""
     try:
         import av
     except ImportError:
@@ -93,46 +138,58 @@ def _decode_av(data) -> tuple[np.ndarray, int] | None:
         data.seek(0)
     try:
         with av.open(data) as container:
-            if not container.streams.audio:
+            if not container.streams.audio or container.streams.audio[0].codec_context is None:
                 return None
-            stream = container.streams.audio[0]
-            to_planar = av.AudioResampler(format="fltp")  # keeps layout and rate: downmix/resample stay ours
-            chunks = [f.to_ndarray() for frame in container.decode(stream) for f in to_planar.resample(frame)]
-            chunks += [f.to_ndarray() for f in to_planar.resample(None)]
-            rate = stream.codec_context.sample_rate
+            # Packed float32, keeping each frame's layout and rate: downmix and resampling stay ours. Not planar
+            # ("fltp"): PyAV 18 counts 9 planes in an 8-channel planar frame and to_ndarray() reads past them
+            # (a segfault: a 920-byte upload took the server down).
+            to_float = av.AudioResampler(format="flt")
+            frames = (f for frame in itertools.chain(container.decode(audio=0), [None])  # None: flush
+                      for f in to_float.resample(frame))
+            first = next(frames, None)  # the rate and layout decoded, not the header's (HE-AAC doubles the rate)
+            if first is None:
+                return None
+            rate = first.sample_rate
+            blocks = (f.to_ndarray().reshape(-1, f.layout.nb_channels)  # [1, samples * channels] interleaved
+                      for f in itertools.chain([first], frames))
+            return _collect(blocks, rate, first.layout.nb_channels, name, max_seconds), rate
+    except AudioError:
+        raise
     except (av.FFmpegError, ValueError, OSError):
         return None
-    if not chunks:
-        return None
-    return np.concatenate(chunks, axis=1).T, int(rate)  # [channels, samples] -> [samples, channels]
 
 
-def load_audio(source: AudioInput, sample_rate: int | None = None) -> np.ndarray:
+def load_audio(source: AudioInput, sample_rate: int | None = None, max_seconds: float | None = None) -> np.ndarray:
     """Any supported input -> float32 mono samples at 16 kHz, shape [N], N > 0, all finite.
 
     ``sample_rate`` is the rate of an in-memory array or tensor; encoded files and bytes carry their own.
+    ``max_seconds``: longer input raises AudioTooLong, and encoded input is decoded no further than that.
     """
     name = describe(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise AudioError(f"{name}: no such file")
-        samples, rate = _decode(str(path), name)
+        samples, rate = _decode(str(path), name, max_seconds)
     elif isinstance(source, (bytes, bytearray)):
         if not source:
             raise AudioError(f"{name}: empty upload")
-        samples, rate = _decode(io.BytesIO(bytes(source)), name)
+        samples, rate = _decode(io.BytesIO(bytes(source)), name, max_seconds)
     else:
         if sample_rate is None:
             raise AudioError(f"{name}: in-memory audio needs its sample_rate")
         if hasattr(source, "detach"):  # torch.Tensor, without importing torch here
             source = source.detach().cpu().float().numpy()
-        samples, rate = _to_float(np.asarray(source), name), sample_rate
-    if not isinstance(rate, (int, np.integer)) or not 1000 <= rate <= 768000:
-        raise AudioError(f"{name}: implausible sample rate {rate!r}")
-    samples = _to_mono(samples, name)
+        samples, rate = _to_mono(_to_float(np.asarray(source), name), name), sample_rate
+        _check_rate(rate, name)
+        _check_length(len(samples), rate, max_seconds, name)
     if samples.size == 0:
         raise AudioError(f"{name}: audio is empty (0 samples)")
     if not np.isfinite(samples).all():
         raise AudioError(f"{name}: audio contains NaN or infinite samples")
-    return np.ascontiguousarray(resample(samples, int(rate)))
+    out = resample(samples, int(rate))
+    if out.size == 0:  # soxr gives nothing for a couple of samples at a higher rate
+        raise AudioError(f"{name}: audio is too short ({samples.size} samples at {rate} Hz)")
+    if not np.isfinite(out).all():  # finite but huge samples (float files hold up to 3e38) overflow soxr
+        raise AudioError(f"{name}: sample values too large: resampling overflows float32")
+    return np.ascontiguousarray(out)

@@ -11,6 +11,10 @@ a bad one is answered alone with a 4xx. A client that goes away has its request 
 frees its KV blocks at the next step. Shutdown (SIGTERM) stops accepting connections, lets in-flight requests
 finish, then drains and closes the engine.
 
+With an API key (``--api-key`` or $CANARY_TRT_API_KEY) every route but the probes ``/health`` and ``/ready`` needs
+``Authorization: Bearer <key>``; ``/metrics`` too, since queue depths and error counts describe the traffic
+(Prometheus sends the key with ``authorization: {credentials: ...}`` in its scrape config).
+
 FastAPI, uvicorn, python-multipart and prometheus-client (extra ``serving``) are imported only when an app is
 built, so the CLI can list ``serve`` without them.
 """
@@ -19,20 +23,24 @@ built, so the CLI can list ``serve`` without them.
 # imported inside create_app.
 import argparse
 import asyncio
+import hmac
 import json
 import logging
+import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .api import TRAINED_MAX_SECONDS
-from .audio import TARGET_RATE, AudioError, load_audio
+from .audio import TARGET_RATE, AudioError, AudioTooLong, load_audio
 from .engine import EngineClosed, EngineOptions, QueueFull
 
 log = logging.getLogger(__name__)
 
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields around the file
+API_KEY_ENV = "CANARY_TRT_API_KEY"
+OPEN_PATHS = ("/health", "/ready")  # probes answer without the API key
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -42,13 +50,18 @@ class ServerSettings:
     max_upload_bytes: int = 25 * 1024 * 1024  # OpenAI's own upload limit
     max_audio_seconds: float = TRAINED_MAX_SECONDS  # longer audio -> 413 (the model degrades beyond 40 s)
     retry_after_s: int = 1  # Retry-After of 429 (queue full) and 503 (shutting down)
+    api_key: str | None = field(default=None, repr=False)  # None: no authentication; never printed
+
+    def __post_init__(self):
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("the API key is empty")  # would otherwise accept a bare "Bearer"
 
 
 class ApiError(Exception):
     """An answer in OpenAI's error shape; ``kind`` is the `code` and the errors-by-kind metric label."""
 
-    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-             429: "rate_limit_error", 499: "client_closed_request"}
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 499: "client_closed_request"}
 
     def __init__(self, status: int, message: str, kind: str, param: str | None = None, retry_after: int | None = None):
         super().__init__(message)
@@ -57,6 +70,22 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
                           "param": self.param, "code": self.kind}}
+
+
+class _RequireApiKey:
+    """ASGI middleware: HTTP requests outside OPEN_PATHS need ``Authorization: Bearer <key>``, checked before the
+    body is read. Plain ASGI (not ``@app.middleware``) so streaming and disconnect detection stay untouched."""
+
+    def __init__(self, app, key: str, reject):
+        self.app, self.key, self.reject = app, key.encode(), reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            # compare_digest: the time taken does not tell how much of a guess was right
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)):
+                return await self.reject(bool(token))(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class _BodyTooLarge(Exception):
@@ -173,6 +202,16 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
         headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
+    def unauthorized(key_given: bool) -> JSONResponse:  # names neither the key nor the guess
+        message = ("incorrect API key provided" if key_given else
+                   "missing API key: send it as the header 'Authorization: Bearer <key>'")
+        response = error_response(ApiError(401, message, "invalid_api_key"))
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    if settings.api_key is not None:
+        app.add_middleware(_RequireApiKey, key=settings.api_key, reject=unauthorized)
+
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):  # 404/405 routes, malformed multipart: OpenAI's shape
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
@@ -240,14 +279,13 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
     async def submit(data: bytes, t0: float):
         """Decode, check the duration, queue in the engine. Returns the handle and an asyncio queue of text
         deltas ending with None."""
-        try:
-            wave = await asyncio.to_thread(load_audio, data)  # decoding is CPU work: off the event loop
+        try:  # decoding is CPU work: off the event loop; it stops past the limit (compressed silence is tiny)
+            wave = await asyncio.to_thread(load_audio, data, max_seconds=settings.max_audio_seconds)
+        except AudioTooLong:
+            raise ApiError(413, f"audio is longer than the limit of {settings.max_audio_seconds:g} s: split it",
+                           "audio_too_long", "file") from None
         except AudioError as e:
             raise ApiError(400, f"invalid audio file: {e}", "invalid_audio", "file") from None
-        seconds = len(wave) / TARGET_RATE
-        if seconds > settings.max_audio_seconds:
-            raise ApiError(413, f"audio is {seconds:.1f} s long, more than the limit of "
-                                f"{settings.max_audio_seconds:g} s: split it", "audio_too_long", "file")
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
 
@@ -342,37 +380,10 @@ async def _wait_end(deltas: asyncio.Queue) -> None:
 
 # ---- command line: `canary-trt serve` ---------------------------------------------------------------------
 
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    """Backends and EngineOptions, shared by ``serve`` and ``triton-repo``."""
-    d = EngineOptions()
-    p.add_argument("--encoder", default="torch", help="encoder backend (default: %(default)s)")
-    p.add_argument("--artifacts", default=None, help="folder of built encoder artifacts (ONNX / TensorRT)")
-    p.add_argument("--engine-dir", default=None,
-                   help="TensorRT-LLM decoder build (build/build_decoder.py): decode with TensorRT-LLM")
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="running sequences (%(default)s)")
-    p.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help="waiting requests before 429 (default: %(default)s)")
-    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="prompt + new tokens (%(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="per request (%(default)s)")
-    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size (default: from free memory)")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    """``Engine.from_pretrained`` keyword arguments from the model and engine arguments (JSON-serialisable)."""
-    return {"model": str(args.model), "llm": args.llm and str(args.llm), "device": args.device, "dtype": args.dtype,
-            "merge_lora": args.merge_lora, "encoder": args.encoder, "artifacts": args.artifacts,
-            "max_batch_size": args.max_batch_size, "max_queue": args.max_queue, "max_seq_len": args.max_seq_len,
-            "max_new_tokens": args.max_new_tokens, "kv_cache_tokens": args.kv_cache_tokens,
-            "cuda_graphs": not args.no_cuda_graphs,
-            **({"decoder": "trtllm", "decoder_dir": str(args.engine_dir)} if args.engine_dir else {})}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``canary-trt serve``."""
-    from .cli import _add_model_args  # here, not at the top: cli imports this module
+    from .cli import add_engine_arguments  # here, not at the top: cli imports this module
 
-    _add_model_args(parser)
     add_engine_arguments(parser)
     d = ServerSettings()
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
@@ -384,6 +395,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longer audio gets 413 (default: %(default)s)")
     parser.add_argument("--drain-timeout", type=float, default=300.0,
                         help="seconds to let in-flight requests finish after SIGTERM (default: %(default)s)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help=f"require 'Authorization: Bearer KEY' (not on /health, /ready); default: ${API_KEY_ENV}, "
+                             f"which other users cannot read in the process list, unlike this flag")
 
 
 def serve(engine, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
@@ -396,12 +410,23 @@ def serve(engine, settings: ServerSettings, host: str = "127.0.0.1", port: int =
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=drain_timeout, log_level="info")
 
 
+def server_settings(args: argparse.Namespace) -> ServerSettings:
+    """ServerSettings from the ``serve`` arguments; the API key from --api-key, else the environment."""
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    return ServerSettings(model_name=args.served_model_name, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                          max_audio_seconds=args.max_audio_seconds, api_key=key)
+
+
 def run(args: argparse.Namespace) -> int:
     """``canary-trt serve``."""
+    from .cli import engine_kwargs
     from .engine import Engine
 
-    settings = ServerSettings(model_name=args.served_model_name, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                              max_audio_seconds=args.max_audio_seconds)
+    try:
+        settings = server_settings(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         engine = Engine.from_pretrained(**engine_kwargs(args))
     except (OSError, ValueError) as e:

@@ -256,8 +256,9 @@ def test_queue_full_gets_429_with_retry_after():
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path):
-    """A server process gets SIGTERM while requests are held in flight: it stops accepting connections, finishes
-    every accepted request correctly, then exits."""
+    """A server process gets SIGTERM while eight requests, plain and streamed, are held in flight: it stops
+    accepting connections (a new request is refused at connect: uvicorn closes the listening socket before the
+    app could answer it), finishes every accepted request correctly, then exits."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -271,12 +272,14 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     try:
         wait_for(lambda: _reachable(url), timeout=120, what="the server process")
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        stems = ["a1_yes", "a3_fox", "a4_stella", "a2_morning"]
+        stems = ["a1_yes", "a3_fox", "a4_stella", "a2_morning"] * 2
         with ThreadPoolExecutor(len(stems)) as pool:
             futures = [pool.submit(transcribe, client, s, stream=i % 2 == 1) for i, s in enumerate(stems)]
             wait_for(lambda: metric(url, "canary_requests_in_progress") == len(stems), what="requests in flight")
             proc.send_signal(signal.SIGTERM)
             wait_for(lambda: not _reachable(url), what="the listening socket to close")
+            with pytest.raises(openai.APIConnectionError):
+                transcribe(client, "a1_yes")
             assert proc.poll() is None  # still draining: the held requests have not finished
             gate.unlink()
             results = [f.result(120) for f in futures]
