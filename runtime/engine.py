@@ -204,7 +204,11 @@ class Engine:
         max_new = self.options.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if max_new < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
-        wave = load_audio(audio, sample_rate)
+        # Decoding stops past what max_seq_len could ever hold (12.5 frames per second of audio), so a small
+        # compressed upload cannot expand into hours of samples.
+        fe, enc = self.model.cfg.frontend, self.model.cfg.encoder
+        frames_per_s = fe.sample_rate / (fe.hop_length * enc.subsampling_factor)
+        wave = load_audio(audio, sample_rate, max_seconds=self.options.max_seq_len / frames_per_s + 1.0)
         duration = len(wave) / TARGET_RATE
         wave = pad_short(wave, self.model.cfg.frontend.hop_length)
         ids = self.tokenizer.prompt_ids(prompt or self.options.prompt)
@@ -349,7 +353,11 @@ class Engine:
                 new = {}
             for rid, tokens in new.items():
                 if rid in self._requests:
-                    self._on_tokens(self._requests[rid], tokens)
+                    try:  # postprocessing (detokenisation, callbacks) of one request must not fail the others
+                        self._on_tokens(self._requests[rid], tokens)
+                    except Exception as e:
+                        log.exception("postprocessing of request %d failed", rid)
+                        self._finish(self._requests[rid], "error", e)
             failed = getattr(self.decoder, "failed", {})
             for rid in list(failed):
                 msg = failed.pop(rid)

@@ -256,3 +256,40 @@ def test_map_keeps_order_reports_bad_inputs_and_waits_when_full(loaded, expected
     with pytest.raises(Exception, match="bad.wav"):
         make_engine(loaded).transcribe([bad])
     assert_idle_and_clean(engine)
+
+
+def test_postprocessing_failure_fails_one_request(loaded, expected):
+    """A request whose text callback path raises inside postprocessing fails alone."""
+    engine = make_engine(loaded)
+    real_decode, bad = engine.tokenizer.decode, {}
+
+    def decode(ids):
+        if bad and ids[:1] == bad["first"]:
+            raise RuntimeError("injected detokeniser fault")
+        return real_decode(ids)
+
+    handles = [engine.submit(TINY.audio_path(s), on_delta=lambda d: None) for s in TINY.stems[2:5]]
+    bad["first"] = expected[TINY.stems[3]][:1]
+    assert expected[TINY.stems[2]][:1] != bad["first"] != expected[TINY.stems[4]][:1]
+    engine.tokenizer.decode = decode
+    try:
+        engine.run_until_idle()
+    finally:
+        engine.tokenizer.decode = real_decode
+    with pytest.raises(RuntimeError, match="injected detokeniser fault"):
+        handles[1].result(0)
+    assert handles[0].result(0).token_ids == expected[TINY.stems[2]]
+    assert handles[2].result(0).token_ids == expected[TINY.stems[4]]
+    assert_idle_and_clean(engine)
+
+
+def test_submit_stops_decoding_past_max_seq_len(loaded, tmp_path):
+    import soundfile as sf
+
+    from runtime.audio import AudioTooLong
+
+    path = tmp_path / "long.flac"
+    sf.write(str(path), np.zeros(16000 * 30, np.float32), 16000)  # 30 s of silence: a few KB of FLAC
+    engine = make_engine(loaded, max_seq_len=100)  # 100 tokens hold at most 8 s of audio
+    with pytest.raises(AudioTooLong, match="long.flac: audio is longer than"):
+        engine.submit(path)

@@ -19,7 +19,7 @@ from engine.encoder import subsampled_lengths
 from engine.frontend import feature_lengths
 from engine.prompt import DEFAULT_ASR_PROMPT, Tokenizer
 
-from ..api import pad_short
+from ..api import TRAINED_MAX_SECONDS, pad_short
 from ..audio import load_audio
 
 
@@ -33,8 +33,9 @@ def load_config(model: str, llm: str | None) -> tuple[ModelConfig, Tokenizer]:
 class Preprocessor:
     """Audio bytes -> 16 kHz samples for the encoder, and the decoder's input ids with the audio span as fake ids."""
 
-    def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer, prompt: str = DEFAULT_ASR_PROMPT):
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer, prompt: str = DEFAULT_ASR_PROMPT,
+                 max_seconds: float = TRAINED_MAX_SECONDS):
+        self.cfg, self.tokenizer, self.max_seconds = cfg, tokenizer, max_seconds
         self.prompt_ids = tokenizer.prompt_ids(prompt)
         k = self.prompt_ids.index(tokenizer.audio_id)
         self.pre, self.post = self.prompt_ids[:k], self.prompt_ids[k + 1 :]
@@ -45,7 +46,8 @@ class Preprocessor:
 
     def __call__(self, audio: bytes | np.ndarray, sample_rate: int | None = None) -> dict[str, np.ndarray]:
         """One request -> the preprocessing model's outputs (without the batch axis)."""
-        wave = pad_short(load_audio(audio, sample_rate), self.cfg.frontend.hop_length)
+        # Bounded decoding: the engine's prompt table is sized for the build's maximum audio (40 s by default).
+        wave = pad_short(load_audio(audio, sample_rate, max_seconds=self.max_seconds), self.cfg.frontend.hop_length)
         frames = self.audio_frames(len(wave))
         # The extra ids key KV-cache block reuse on the audio's content (see decoder_trtllm): the samples
         # determine the embeddings, so hashing them is as good as hashing the table.
