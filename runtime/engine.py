@@ -31,7 +31,7 @@ from engine.model import CanaryQwenModel
 from engine.prompt import DEFAULT_ASR_PROMPT, Tokenizer
 
 from .api import DEFAULT_MAX_NEW_TOKENS, TARGET_RATE, Transcription, pad_short, pick_device, pick_dtype
-from .audio import AudioError, AudioInput, load_audio
+from .audio import AudioError, AudioInput, AudioTooLong, load_audio
 from .scheduler import BlockAllocator, QueueFull, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,12 @@ class Engine:
         # compressed upload cannot expand into hours of samples.
         fe, enc = self.model.cfg.frontend, self.model.cfg.encoder
         frames_per_s = fe.sample_rate / (fe.hop_length * enc.subsampling_factor)
-        wave = load_audio(audio, sample_rate, max_seconds=self.options.max_seq_len / frames_per_s + 1.0)
+        limit = 2 * self.options.max_seq_len / frames_per_s + 1.0  # generous: the exact check follows
+        try:
+            wave = load_audio(audio, sample_rate, max_seconds=limit)
+        except AudioTooLong as e:
+            raise AudioTooLong(f"{e}, more than max_seq_len={self.options.max_seq_len} tokens can hold: use "
+                               f"long-form transcription (--long-form, runtime.longform)") from None
         duration = len(wave) / TARGET_RATE
         wave = pad_short(wave, self.model.cfg.frontend.hop_length)
         ids = self.tokenizer.prompt_ids(prompt or self.options.prompt)
