@@ -115,11 +115,6 @@ async def _disconnected(receive) -> None:
         pass
 
 
-def _timestamp(seconds: float, sep: str) -> str:
-    ms = int(round(seconds * 1000))
-    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
-
-
 def format_transcription(fmt: str, text: str, duration: float, token_ids: list[int]):
     """The body of a finished transcription in ``fmt``: a dict (JSON) or a string. The model gives no timestamps,
     so verbose_json, srt and vtt have one segment spanning the whole audio."""
@@ -132,10 +127,11 @@ def format_transcription(fmt: str, text: str, duration: float, token_ids: list[i
                    "temperature": 0.0}  # greedy decoding
         return {"task": "transcribe", "language": "english", "duration": duration, "text": text,
                 "segments": [segment], "usage": {"type": "duration", "seconds": duration}}
-    if fmt == "srt":
-        return f"1\n{_timestamp(0, ',')} --> {_timestamp(duration, ',')}\n{text}\n\n"
-    if fmt == "vtt":
-        return f"WEBVTT\n\n{_timestamp(0, '.')} --> {_timestamp(duration, '.')}\n{text}\n\n"
+    if fmt in ("srt", "vtt"):
+        from .longform import LongTranscription, Segment, to_srt, to_vtt
+
+        whole = LongTranscription(text, [Segment(0.0, duration, text, token_ids, "stop")], duration, "none")
+        return to_srt(whole) if fmt == "srt" else to_vtt(whole)
     raise ValueError(fmt)
 
 
