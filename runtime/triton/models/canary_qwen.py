@@ -13,6 +13,8 @@ the parameter ``engine_factory`` ("module:function", same keywords) for custom b
 
 import importlib
 import json
+import os
+import sys
 import threading
 
 import numpy as np
@@ -72,6 +74,10 @@ class TritonPythonModel:
         kwargs = json.loads(params["engine"])
         factory = params.get("engine_factory") or "runtime.engine:Engine.from_pretrained"
         module, _, attr = factory.partition(":")
+        # Triton's Python stub does not read PYTHONPATH; a custom factory module may live there.
+        for path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
+            if path and path not in sys.path:
+                sys.path.insert(0, path)
         make = importlib.import_module(module)
         for part in attr.split("."):
             make = getattr(make, part)
