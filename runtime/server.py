@@ -31,6 +31,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .api import TRAINED_MAX_SECONDS
 from .audio import TARGET_RATE, AudioError, AudioTooLong, load_audio
 from .engine import EngineClosed, EngineOptions, QueueFull
@@ -48,7 +50,10 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 class ServerSettings:
     model_name: str = "canary-qwen-2.5b"  # the id clients pass as `model` and /v1/models lists
     max_upload_bytes: int = 25 * 1024 * 1024  # OpenAI's own upload limit
-    max_audio_seconds: float = TRAINED_MAX_SECONDS  # longer audio -> 413 (the model degrades beyond 40 s)
+    max_audio_seconds: float = TRAINED_MAX_SECONDS  # longer audio -> 413; raise it to accept long-form audio
+    # Audio longer than this is transcribed long-form: cut at pauses into segments of at most this long
+    # (runtime.longform), each an ordinary engine request; verbose_json/srt/vtt then carry one entry per segment.
+    long_form_seconds: float = TRAINED_MAX_SECONDS
     retry_after_s: int = 1  # Retry-After of 429 (queue full) and 503 (shutting down)
     api_key: str | None = field(default=None, repr=False)  # None: no authentication; never printed
 
@@ -272,16 +277,48 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
             raise too_large
         return data, fmt, stream == "true"
 
-    async def submit(data: bytes, t0: float):
-        """Decode, check the duration, queue in the engine. Returns the handle and an asyncio queue of text
-        deltas ending with None."""
+    async def decode(data: bytes) -> np.ndarray:
         try:  # decoding is CPU work: off the event loop; it stops past the limit (compressed silence is tiny)
-            wave = await asyncio.to_thread(load_audio, data, max_seconds=settings.max_audio_seconds)
+            return await asyncio.to_thread(load_audio, data, max_seconds=settings.max_audio_seconds)
         except AudioTooLong:
             raise ApiError(413, f"audio is longer than the limit of {settings.max_audio_seconds:g} s: split it",
                            "audio_too_long", "file") from None
         except AudioError as e:
             raise ApiError(400, f"invalid audio file: {e}", "invalid_audio", "file") from None
+
+    async def long_form(wave: np.ndarray, fmt: str, stream: bool):
+        """Segments through the engine (in a worker thread: transcribe_long waits on their results)."""
+        from .longform import to_srt, to_vtt, transcribe_long
+
+        try:
+            t = await asyncio.to_thread(transcribe_long, engine, wave, TARGET_RATE,
+                                        max_segment_s=settings.long_form_seconds)
+        except QueueFull as e:
+            raise ApiError(429, f"server busy: {e}", "queue_full", retry_after=settings.retry_after_s) from None
+        except Exception as e:
+            raise failed(e) from None
+        usage = {"type": "duration", "seconds": t.duration}
+        if stream:  # one delta per segment, then the whole text
+            async def events():
+                for seg in (s for s in t.segments if s.text):
+                    yield f"data: {json.dumps({'type': 'transcript.text.delta', 'delta': seg.text + ' '})}\n\n"
+                yield f"data: {json.dumps({'type': 'transcript.text.done', 'text': t.text})}\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        if fmt in ("srt", "vtt"):
+            return PlainTextResponse(to_srt(t) if fmt == "srt" else to_vtt(t),
+                                     media_type="text/vtt" if fmt == "vtt" else "text/plain")
+        if fmt == "text":
+            return PlainTextResponse(t.text + "\n")
+        if fmt == "json":
+            return JSONResponse({"text": t.text, "usage": usage})
+        segments = [{"id": i, "seek": 0, "start": s.start, "end": s.end, "text": s.text, "tokens": s.token_ids,
+                     "temperature": 0.0} for i, s in enumerate(t.segments)]
+        return JSONResponse({"task": "transcribe", "language": "english", "duration": t.duration, "text": t.text,
+                             "segments": segments, "usage": usage})
+
+    async def submit(wave: np.ndarray, t0: float):
+        """Queue decoded audio in the engine. Returns the handle and an asyncio queue of text deltas ending
+        with None."""
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
 
@@ -339,7 +376,10 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
         try:
             data, fmt, stream = await read_request(request)
             t0 = time.perf_counter()
-            handle, deltas = await submit(data, t0)
+            wave = await decode(data)
+            if len(wave) > settings.long_form_seconds * TARGET_RATE:
+                return await long_form(wave, fmt, stream)
+            handle, deltas = await submit(wave, t0)
             if stream:
                 streaming = True  # the generator owns in_progress from here
                 return StreamingResponse(sse(handle, deltas), media_type="text/event-stream",
@@ -388,7 +428,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20,
                         help="larger uploads get 413 (default: %(default)s)")
     parser.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds,
-                        help="longer audio gets 413 (default: %(default)s)")
+                        help="longer audio gets 413; raise it (e.g. 3600) to accept long audio (default: %(default)s)")
+    parser.add_argument("--long-form-seconds", type=float, default=d.long_form_seconds,
+                        help="longer audio is cut at pauses into segments of at most this long, with timestamps "
+                             "(default: %(default)s)")
     parser.add_argument("--drain-timeout", type=float, default=300.0,
                         help="seconds to let in-flight requests finish after SIGTERM (default: %(default)s)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
@@ -410,7 +453,8 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
     """ServerSettings from the ``serve`` arguments; the API key from --api-key, else the environment."""
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     return ServerSettings(model_name=args.served_model_name, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                          max_audio_seconds=args.max_audio_seconds, api_key=key)
+                          max_audio_seconds=args.max_audio_seconds, long_form_seconds=args.long_form_seconds,
+                          api_key=key)
 
 
 def run(args: argparse.Namespace) -> int:

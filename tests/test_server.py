@@ -28,7 +28,7 @@ from serving_helpers import GATE_ENV, TINY, LiveServer, build_engine, encode_aud
 from runtime.server import ServerSettings  # noqa: E402
 
 MODEL = ServerSettings.model_name
-SETTINGS = ServerSettings(max_upload_bytes=1 << 20, max_audio_seconds=10.0)
+SETTINGS = ServerSettings(max_upload_bytes=1 << 20, max_audio_seconds=10.0, long_form_seconds=8.0)
 
 
 def wait_for(predicate, timeout: float = 60, what: str = "condition"):
@@ -317,3 +317,31 @@ def test_cli_hooks_parse_into_engine_and_server_settings():
     assert kw["decoder"] == "trtllm" and kw["decoder_dir"] == "build/dec"
     assert (args.host, args.port, args.max_audio_seconds) == ("127.0.0.1", 9000, 12.0)
     assert "decoder" not in engine_kwargs(parser.parse_args([]))
+
+
+def test_long_audio_is_transcribed_long_form_with_timestamps(server, client):
+    """Audio past long_form_seconds (8 s here) is cut at its pause into segments: the answers equal the
+    offline long-form transcription of the same samples, in every format."""
+    import io
+
+    from runtime.api import CanaryQwen
+    from runtime.longform import to_srt, to_vtt, transcribe_long
+
+    speech = sf.read(str(TINY.audio_path("a4_stella")), dtype="float32")[0]  # 4.06 s
+    wave = np.concatenate([speech, np.zeros(16000, np.float32), speech, np.zeros(8000, np.float32)])  # 9.6 s
+    buf = io.BytesIO()
+    sf.write(buf, wave, 16000, format="WAV", subtype="FLOAT")
+    data = buf.getvalue()
+    engine = server.engine
+    ref = transcribe_long(CanaryQwen(engine.model, engine.tokenizer), wave, 16000, max_segment_s=8.0,
+                          max_new_tokens=engine.options.max_new_tokens)
+    assert len(ref.segments) >= 2 and all(s.end - s.start <= 8.0 for s in ref.segments)
+    create = client.audio.transcriptions.create
+    assert create(model=MODEL, file=("long.wav", data)).text == ref.text
+    assert create(model=MODEL, file=("long.wav", data), response_format="srt") == to_srt(ref)
+    assert create(model=MODEL, file=("long.wav", data), response_format="vtt") == to_vtt(ref)
+    verbose = create(model=MODEL, file=("long.wav", data), response_format="verbose_json")
+    assert [(s.start, s.end, s.text) for s in verbose.segments] == [(s.start, s.end, s.text) for s in ref.segments]
+    events = list(create(model=MODEL, file=("long.wav", data), stream=True))
+    assert events[-1].type == "transcript.text.done" and events[-1].text == ref.text
+    assert "".join(e.delta for e in events[:-1]).strip() == ref.text
