@@ -86,18 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-cosine", type=float, default=0.999,
                    help="exit code 1 if an utterance's cosine similarity is below this (default: %(default)s)")
     c.set_defaults(func=check_encoder)
-    s = sub.add_parser("serve", help="OpenAI-compatible transcription server")
-    server.add_arguments(s)
-    s.set_defaults(func=server.run)
-    r = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository")
-    repository.add_arguments(r)
-    r.set_defaults(func=repository.run)
-    b = sub.add_parser("bench", help="RTFx and WER on manifests, as the Open ASR Leaderboard measures them")
-    rtfx.add_arguments(b)
-    b.set_defaults(func=rtfx.run)
-    lp = sub.add_parser("bench-serve", help="load test of a running server: latency, TTFT, throughput")
-    load.add_arguments(lp)
-    lp.set_defaults(func=load.run)
+    # Subcommands whose modules bring their own arguments and runner.
+    for name, module, text in (
+            ("serve", server, "OpenAI-compatible transcription server"),
+            ("triton-repo", repository, "write a Triton Inference Server model repository"),
+            ("bench", rtfx, "RTFx and WER on manifests, as the Open ASR Leaderboard measures them"),
+            ("bench-serve", load, "load test of a running server: latency, TTFT, throughput")):
+        p = sub.add_parser(name, help=text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     return parser
 
 

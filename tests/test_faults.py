@@ -15,23 +15,13 @@ openai = pytest.importorskip("openai", reason="needs the official openai client"
 
 from serving_helpers import TINY, LiveServer, build_engine, golden_text  # noqa: E402
 from test_engine import FaultyEncoder, assert_idle_and_clean  # noqa: E402
-from test_server import SETTINGS, get, metric, transcribe, wait_for  # noqa: E402
+from test_server import SETTINGS, client, get, metric, server, transcribe, wait_for  # noqa: E402,F401 (fixtures)
 from runtime.audio import load_audio  # noqa: E402
 
 ERRORS = "canary_request_errors_total{{kind=\"{}\"}}"
 LONG_FRAMES = 60  # audio frames: only a5_numbers (5.9 s, 74 frames) is longer among the fixture utterances
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = LiveServer(build_engine(max_batch_size=8), SETTINGS)
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def assert_engine_idle_and_clean(server) -> None:

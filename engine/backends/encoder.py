@@ -9,6 +9,7 @@ it gets alone). ``make_encoder`` picks a backend by name, or the best one an art
 from __future__ import annotations
 
 import importlib.util
+from abc import ABC, abstractmethod
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +33,7 @@ def length_batches(lengths: Sequence[int], max_batch: int) -> list[list[int]]:
     return [order[i : i + max_batch] for i in range(0, len(order), max_batch)]
 
 
-class BatchedEncoder:
+class BatchedEncoder(ABC):
     """Shared batching; a backend implements ``_run`` on one zero-padded batch.
 
     ``min_length``: clips shorter than this (one hop) count as zero-padded to it, as in the API: below one
@@ -70,9 +71,9 @@ class BatchedEncoder:
                 out[i] = emb[row, : emb_lens[row]].to(self.device, self.dtype)
         return out  # type: ignore[return-value]
 
+    @abstractmethod
     def _run(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """audio [B, N] float32 (CPU) + lengths [B] int64 -> embeddings [B, T_enc, H] + lengths [B]."""
-        raise NotImplementedError
 
 
 def _importable(module: str) -> bool:
