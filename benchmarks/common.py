@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:
 from engine.config import ModelConfig  # noqa: E402
 from engine.model import CanaryQwenModel  # noqa: E402
 from engine.prompt import Tokenizer  # noqa: E402
+from runtime.bench import machine_name  # noqa: E402,F401  (scripts import it from here)
 
 # A byte-level BPE with the Qwen chat special tokens: enough for prompts and detokenisation.
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "tiny-canary-qwen" / "llm"
@@ -94,17 +95,3 @@ def speech_like_durations(n: int, seed: int = 0, low: float = 1.0, high: float =
 def tokens_for(duration: float) -> int:
     """Output length of real speech: ~3.7 tokens per second of audio (shared spec, benchmarks.md)."""
     return max(1, round(3.7 * duration))
-
-
-def machine_name(device: torch.device | str = "cpu") -> str:
-    """The hardware a number was measured on: the GPU's name, or the CPU model with the cores and threads used."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads (torch {torch.__version__})"

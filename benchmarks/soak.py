@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `runtime` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.load import multipart, percentiles  # noqa: E402
+from runtime.bench_serve import multipart, percentiles  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny-canary-qwen"  # random weights; golden.json at 24 new tokens
 FIXTURE_AUDIO = FIXTURE / "audio"

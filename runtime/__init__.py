@@ -1,6 +1,10 @@
-"""canary-trt runtime: audio input, the Python API and the command line."""
+"""canary-trt runtime: audio input, the in-flight engine, the Python API and the command line."""
 
-from .api import CanaryQwen, Transcription
+from .api import CanaryQwen
 from .audio import AudioError, load_audio
+from .common import Transcription
+from .engine import Engine, EngineClosed, QueueFull
+from .options import EngineOptions
 
-__all__ = ["CanaryQwen", "Transcription", "AudioError", "load_audio"]
+__all__ = ["CanaryQwen", "Engine", "EngineOptions", "EngineClosed", "QueueFull", "Transcription", "AudioError",
+           "load_audio"]

@@ -9,58 +9,11 @@ import sys
 
 from engine.checkpoint import DEFAULT_MODEL
 
-from .api import DEFAULT_MAX_NEW_TOKENS, DTYPES
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or folder of the release (default: %(default)s)")
-    p.add_argument("--llm", default=None,
-                   help="base LLM hub id or folder (config + tokenizer); default: pretrained_llm of config.json")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when present)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
-                   help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--merge-lora", action="store_true", help="fold LoRA into the weights (faster, not bit-exact)")
-
-
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    """Model, backends and EngineOptions: shared by ``transcribe``, ``serve`` and ``triton-repo``."""
-    from .engine import EngineOptions
-
-    d = EngineOptions()
-    _add_model_args(p)
-    p.add_argument("--encoder", choices=["auto", "torch", "onnx", "tensorrt"], default="auto",
-                   help="encoder backend (default: the best that --artifacts allows here, else torch)")
-    p.add_argument("--artifacts", default=None, metavar="DIR", help="encoder artifacts (build/export_encoder.py)")
-    p.add_argument("--engine-dir", default=None, metavar="DIR",
-                   help="TensorRT-LLM decoder build (build/build_decoder.py): decode with TensorRT-LLM")
-    p.add_argument("--max-batch-size", "--batch-size", dest="max_batch_size", type=int, default=d.max_batch_size,
-                   help="sequences decoded together in the in-flight batch (default: %(default)s)")
-    p.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help="requests waiting for admission before new ones are refused (default: %(default)s)")
-    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
-                   help="prompt + audio frames (12.5 per second) + new tokens per request (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="per request (default: %(default)s)")
-    p.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="KV pool size in tokens (default: from free GPU memory; CPU: batch x max-seq-len)")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    """``Engine.from_pretrained`` keywords from ``add_engine_arguments``' flags (JSON-serialisable)."""
-    if args.max_batch_size < 1 or args.max_new_tokens < 1:
-        raise ValueError("--max-batch-size and --max-new-tokens must be >= 1")
-    return {"model": str(args.model), "llm": args.llm and str(args.llm), "device": args.device, "dtype": args.dtype,
-            "merge_lora": args.merge_lora, "encoder": args.encoder, "artifacts": args.artifacts,
-            "max_batch_size": args.max_batch_size, "max_queue": args.max_queue, "max_seq_len": args.max_seq_len,
-            "max_new_tokens": args.max_new_tokens, "kv_cache_tokens": args.kv_cache_tokens,
-            "cuda_graphs": not args.no_cuda_graphs,
-            **({"decoder": "trtllm", "decoder_dir": str(args.engine_dir)} if args.engine_dir else {})}
+from .options import add_engine_arguments, add_model_arguments, engine_kwargs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from benchmarks import load, rtfx  # here: their add_arguments import this module
-
-    from . import longform, server
+    from . import bench, bench_serve, longform, server
     from .triton import repository
 
     parser = argparse.ArgumentParser(prog="canary-trt", description="Fast, exact Canary-Qwen-2.5B inference.")
@@ -90,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, text in (
             ("serve", server, "OpenAI-compatible transcription server"),
             ("triton-repo", repository, "write a Triton Inference Server model repository"),
-            ("bench", rtfx, "RTFx and WER on manifests, as the Open ASR Leaderboard measures them"),
-            ("bench-serve", load, "load test of a running server: latency, TTFT, throughput")):
+            ("bench", bench, "RTFx and WER on manifests, as the Open ASR Leaderboard measures them"),
+            ("bench-serve", bench_serve, "load test of a running server: latency, TTFT, throughput")):
         p = sub.add_parser(name, help=text)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
@@ -150,7 +103,7 @@ def check_encoder(args: argparse.Namespace) -> int:
     from engine.checkpoint import resolve
     from engine.export.onnx import load_perception
 
-    from .api import pick_device
+    from .common import pick_device
     from .audio import AudioError, load_audio
 
     if args.batch_size < 1:

@@ -28,10 +28,11 @@ from engine.checkpoint import DEFAULT_MODEL, build_model, resolve
 from engine.encoder import subsampled_lengths
 from engine.frontend import feature_lengths
 from engine.model import CanaryQwenModel
-from engine.prompt import DEFAULT_ASR_PROMPT, Tokenizer
+from engine.prompt import Tokenizer
 
-from .api import DEFAULT_MAX_NEW_TOKENS, TARGET_RATE, Transcription, pad_short, pick_device, pick_dtype
-from .audio import AudioError, AudioInput, AudioTooLong, load_audio
+from .audio import TARGET_RATE, AudioError, AudioInput, AudioTooLong, load_audio
+from .common import Transcription, pad_short, pick_device, pick_dtype
+from .options import EngineOptions
 from .scheduler import BlockAllocator, QueueFull, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -41,20 +42,6 @@ __all__ = ["Engine", "EngineOptions", "RequestHandle", "QueueFull", "EngineClose
 
 class EngineClosed(RuntimeError):
     """The engine is closing or closed and takes no new requests."""
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    max_batch_size: int = 64  # running sequences decoded together
-    max_queue: int = 1024  # requests waiting for admission before submit() raises QueueFull
-    max_prefill_tokens: int = 8192  # prompt tokens (text + audio frames) admitted per step
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # default per request
-    max_seq_len: int = 1024  # prompt + new tokens per request (40 s of audio = 500 frames)
-    kv_block_size: int = 16  # tokens per KV block
-    kv_cache_tokens: int | None = None  # None: free GPU memory x kv_memory_fraction; CPU: batch x seq len
-    kv_memory_fraction: float = 0.8
-    cuda_graphs: bool = True  # capture the decode step (CUDA only); False: eager
-    prompt: str = DEFAULT_ASR_PROMPT
 
 
 def _notify(handle: "RequestHandle", delta: str | None) -> None:

@@ -213,7 +213,7 @@ def _transcribe_pieces(asr, pieces: list[np.ndarray], max_new_tokens: int | None
     """An Engine takes the pieces as ordinary requests (``Engine.map``: in order, waiting when its queue is
     full); a CanaryQwen (no ``submit``) runs them in its sorted static batches. Raises the first failure."""
     if not hasattr(asr, "submit"):
-        from .api import DEFAULT_MAX_NEW_TOKENS
+        from .options import DEFAULT_MAX_NEW_TOKENS
 
         return asr.transcribe_samples(pieces, max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
                                       progress=progress)
@@ -299,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     One file: the output on stdout; several: text and jsonl as ``transcribe`` prints them, json/srt/vtt each
     written next to its audio (FILE.srt, ...)."""
     from .audio import AudioError
-    from .cli import engine_kwargs
+    from .options import engine_kwargs
     from .engine import Engine
 
     fmt = args.output_format

@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .api import TRAINED_MAX_SECONDS
+from .common import TRAINED_MAX_SECONDS
 from .audio import TARGET_RATE, AudioError, AudioTooLong, load_audio
-from .engine import EngineClosed, EngineOptions, QueueFull
+from .engine import EngineClosed, QueueFull
+from .options import EngineOptions
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +419,7 @@ async def _wait_end(deltas: asyncio.Queue) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``canary-trt serve``."""
-    from .cli import add_engine_arguments  # here, not at the top: cli imports this module
+    from .options import add_engine_arguments
 
     add_engine_arguments(parser)
     d = ServerSettings()
@@ -459,7 +460,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
 
 def run(args: argparse.Namespace) -> int:
     """``canary-trt serve``."""
-    from .cli import engine_kwargs
+    from .options import engine_kwargs
     from .engine import Engine
 
     try:

@@ -1,4 +1,4 @@
-"""``canary-trt bench`` (benchmarks/rtfx.py) and ``canary-trt bench-serve`` (benchmarks/load.py): WER and the
+"""``canary-trt bench`` (runtime/bench.py) and ``canary-trt bench-serve`` (runtime/bench_serve.py): WER and the
 normaliser on known pairs, RTFx arithmetic, manifest errors that name file and line, the whole bench on the
 fixture model against NeMo's golden transcripts, and the load generator against a stub server on 127.0.0.1."""
 
@@ -14,8 +14,8 @@ from typing import ClassVar
 
 import pytest
 
-from benchmarks import load, rtfx
-from benchmarks.rtfx import ManifestError, Utterance, composite, read_manifest, word_errors
+from runtime import bench as rtfx, bench_serve as load
+from runtime.bench import ManifestError, Utterance, composite, read_manifest, word_errors
 from conftest import FIXTURES, Golden
 
 TINY = Golden(FIXTURES / "tiny-canary-qwen")

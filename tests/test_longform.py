@@ -216,7 +216,7 @@ def test_cli_hook_writes_srt(monkeypatch, capsys, tmp_path, engine, long_audio):
     engine: the loader is not what is tested here)."""
     import argparse
 
-    from runtime.cli import add_engine_arguments
+    from runtime.options import add_engine_arguments
 
     wave, _ = long_audio
     path = tmp_path / "long.wav"

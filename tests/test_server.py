@@ -305,7 +305,7 @@ def _reachable(url: str) -> bool:
 def test_cli_hooks_parse_into_engine_and_server_settings():
     import argparse
 
-    from runtime.cli import engine_kwargs
+    from runtime.options import engine_kwargs
     from runtime.server import add_arguments
 
     parser = argparse.ArgumentParser()

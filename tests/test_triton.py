@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from serving_helpers import TINY, golden_text
-from runtime.cli import engine_kwargs
+from runtime.options import engine_kwargs
 from runtime.triton.repository import write_repository
 
 HERE = Path(__file__).resolve().parent

@@ -19,7 +19,7 @@ from engine.encoder import subsampled_lengths
 from engine.frontend import feature_lengths
 from engine.prompt import DEFAULT_ASR_PROMPT, Tokenizer
 
-from ..api import TRAINED_MAX_SECONDS, pad_short
+from ..common import TRAINED_MAX_SECONDS, pad_short
 from ..audio import load_audio
 
 

@@ -54,7 +54,7 @@ def _python_model(name: str, max_batch_size: int, inputs: list, outputs: list, p
 
 
 def canary_qwen_config(engine: dict, engine_factory: str | None = None) -> str:
-    """The decoupled Python model; ``engine``: Engine.from_pretrained keywords (runtime.cli.engine_kwargs)."""
+    """The decoupled Python model; ``engine``: Engine.from_pretrained keywords (runtime.options.engine_kwargs)."""
     inputs = [("AUDIO", "TYPE_STRING", [1], "optional: true"), ("SAMPLES", "TYPE_FP32", [-1], "optional: true"),
               ("SAMPLE_RATE", "TYPE_INT32", [1], "optional: true"),
               ("MAX_NEW_TOKENS", "TYPE_INT32", [1], "optional: true"), ("STREAM", "TYPE_BOOL", [1], "optional: true")]
@@ -178,7 +178,7 @@ def write_repository(output: str | Path, engine: dict, engine_dir: str | Path | 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``canary-trt triton-repo``."""
-    from ..cli import add_engine_arguments  # here, not at the top: cli imports this module
+    from ..options import add_engine_arguments
 
     parser.add_argument("output", help="folder to write the model repository into")
     add_engine_arguments(parser)  # with --engine-dir the tensorrtllm-backend ensemble is written too
@@ -188,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``canary-trt triton-repo``."""
-    from ..cli import engine_kwargs
+    from ..options import engine_kwargs
 
     batch, reuse = args.max_batch_size, False
     if args.engine_dir is not None:

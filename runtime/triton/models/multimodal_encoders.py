@@ -15,7 +15,7 @@ class TritonPythonModel:
     def initialize(self, args):
         from engine.backends.encoder import make_encoder
         from engine.checkpoint import build_model, resolve
-        from runtime.api import pick_device, pick_dtype
+        from runtime.common import pick_device, pick_dtype
 
         kw = json.loads(parameters(args)["encoder"])
         device = pick_device(kw["device"])

@@ -244,8 +244,8 @@ def _table(levels: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """``canary-trt bench-serve``: 0 when every request was answered, 1 if any failed, 2 on bad arguments."""
-    from benchmarks.common import machine_name
-    from benchmarks.rtfx import ManifestError, read_manifest
+    from runtime.bench import machine_name
+    from runtime.bench import ManifestError, read_manifest
     from runtime.audio import TARGET_RATE, AudioError, load_audio
 
     try:

@@ -1,7 +1,7 @@
 """RTFx and WER the way the Open ASR Leaderboard measures them (``canary-trt bench``).
 
     canary-trt bench --manifest librispeech_test_clean.jsonl --manifest ami.jsonl [--model DIR] [--repeats 3]
-    python -m benchmarks.rtfx --audio-dir recordings/          # RTFx only: no references
+    python -m runtime.bench --audio-dir recordings/          # RTFx only: no references
 
 One dataset per ``--manifest`` (NeMo JSONL: ``audio_filepath``, ``duration``, ``text``; relative paths are
 resolved against the manifest's folder) or ``--audio-dir``. As in the leaderboard's ``run_eval_salm.py``
@@ -61,6 +61,24 @@ class Utterance:
     audio: Path
     duration: float  # seconds, from the manifest or the file header: used for sorting only
     text: str | None  # reference transcript, None when the dataset has none
+
+
+def machine_name(device="cpu") -> str:
+    """The hardware a number was measured on: the GPU's name, or the CPU model with the cores and threads used."""
+    import platform
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
 
 
 # ---- datasets -------------------------------------------------------------------------------------------------
@@ -279,7 +297,7 @@ def nemo_transcriber(model_dir: str, device: str, dtype, batch_size: int, max_ne
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``canary-trt bench``: datasets, the model and engine (as ``canary-trt serve``), the protocol."""
-    from runtime.cli import add_engine_arguments
+    from runtime.options import add_engine_arguments
 
     parser.add_argument("--manifest", action="append", default=[], metavar="FILE",
                         help="NeMo JSONL manifest (audio_filepath, duration, text): one dataset; repeatable")
@@ -350,9 +368,8 @@ def _table(report: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """``canary-trt bench``: 0 on success, 1 if a file or request failed, 2 on bad input or a missing baseline."""
-    from benchmarks.common import machine_name
     from runtime.engine import Engine
-    from runtime.cli import engine_kwargs
+    from runtime.options import engine_kwargs
 
     try:
         datasets = [(Path(m).stem, str(m), longest_first(read_manifest(m))) for m in args.manifest]
