@@ -43,9 +43,17 @@ class DecodeRequest:
 
 class DecoderBackend(Protocol):
     name: str  # "torch" | "trtllm"
-    # Optional: {request_id: error message} of requests the backend failed on its own (TensorRT-LLM reports
-    # per-request errors asynchronously); the runtime fails them alone and removes them from this dict.
+    # {request_id: error message} of requests the backend failed on its own (TensorRT-LLM reports per-request
+    # errors asynchronously); the runtime fails them alone and removes them from this dict.
     failed: dict[int, str]
+    # {request_id: "stop" | "length"}: the decoder's own verdict that a request is done, set in the step that
+    # delivers its last token (eos itself included in that step's tokens for "stop"). The runtime retires a
+    # request only on this verdict and removes it from this dict; a request the runtime believes finished
+    # without it, or that keeps producing tokens after it, is failed loudly.
+    finished: dict[int, str]
+    # Optional: {request_id: [log-probability of each token delivered in this step]} (natural log, computed on
+    # the device in the same step); the runtime pops it with the tokens. Backends without it leave it absent.
+    logprobs: dict[int, list[float]]
 
     def add(self, request: DecodeRequest) -> None:
         """Admit a request: it is prefilled (or queued for prefill) and decodes from the next step on."""
