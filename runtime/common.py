@@ -42,3 +42,4 @@ class Transcription:
     duration: float  # seconds of audio
     finish_reason: str  # "stop": end of turn produced; "length": max_new_tokens reached; "cancelled"
     extra: dict = field(default_factory=dict)
+    logprobs: list[float] | None = None  # natural-log probability of each token_ids entry, when the decoder gives them
