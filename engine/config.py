@@ -91,6 +91,7 @@ class EncoderConfig:
     subsampling_conv_channels: int
     xscaling: bool
     pos_emb_max_len: int
+    use_bias: bool = True  # biases in the feed-forward, attention and conv-module layers (Parakeet: false)
 
     @classmethod
     def from_nemo(cls, cfg: dict, source: str) -> "EncoderConfig":
@@ -126,6 +127,7 @@ class EncoderConfig:
             subsampling_conv_channels=channels if channels > 0 else d_model,  # NeMo: -1 means d_model
             xscaling=bool(cfg.get("xscaling", True)),  # NeMo's ConformerEncoder default is True
             pos_emb_max_len=int(cfg.get("pos_emb_max_len", 5000)),
+            use_bias=bool(cfg.get("use_bias", True)),  # NeMo's ConformerEncoder default is True
         )
 
     @property

@@ -81,10 +81,10 @@ def relative_positions(length: int, d_model: int, device: torch.device) -> torch
 
 
 class FeedForward(nn.Module):
-    def __init__(self, d_model: int, d_ff: int):
+    def __init__(self, d_model: int, d_ff: int, bias: bool = True):
         super().__init__()
-        self.linear1 = nn.Linear(d_model, d_ff)
-        self.linear2 = nn.Linear(d_ff, d_model)
+        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear2(F.silu(self.linear1(x)))
@@ -96,13 +96,13 @@ class RelPositionAttention(nn.Module):
     # Set by the fp16/bf16 ONNX export only: scores and softmax in this dtype (overflow-safe); None = model dtype.
     scores_dtype: torch.dtype | None = None
 
-    def __init__(self, d_model: int, n_heads: int):
+    def __init__(self, d_model: int, n_heads: int, bias: bool = True):
         super().__init__()
         self.h, self.d_k = n_heads, d_model // n_heads
-        self.linear_q = nn.Linear(d_model, d_model)
-        self.linear_k = nn.Linear(d_model, d_model)
-        self.linear_v = nn.Linear(d_model, d_model)
-        self.linear_out = nn.Linear(d_model, d_model)
+        self.linear_q = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_k = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_v = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_out = nn.Linear(d_model, d_model, bias=bias)
         self.linear_pos = nn.Linear(d_model, d_model, bias=False)
         self.pos_bias_u = nn.Parameter(torch.empty(n_heads, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.empty(n_heads, self.d_k))
@@ -138,12 +138,13 @@ class RelPositionAttention(nn.Module):
 class ConvModule(nn.Module):
     """pointwise (d -> 2d) -> GLU -> zero padding -> depthwise (k) -> BatchNorm -> SiLU -> pointwise."""
 
-    def __init__(self, d_model: int, kernel: int):
+    def __init__(self, d_model: int, kernel: int, bias: bool = True):
         super().__init__()
-        self.pointwise_conv1 = nn.Conv1d(d_model, 2 * d_model, 1)
-        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel, padding=(kernel - 1) // 2, groups=d_model)
+        self.pointwise_conv1 = nn.Conv1d(d_model, 2 * d_model, 1, bias=bias)
+        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel, padding=(kernel - 1) // 2, groups=d_model,
+                                        bias=bias)
         self.batch_norm = nn.BatchNorm1d(d_model)
-        self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1)
+        self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=bias)
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """x: [B, T, d]; pad_mask: [B, T] True on padding."""
@@ -159,13 +160,13 @@ class ConformerLayer(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.norm_feed_forward1 = nn.LayerNorm(d)
-        self.feed_forward1 = FeedForward(d, d * cfg.ff_expansion_factor)
+        self.feed_forward1 = FeedForward(d, d * cfg.ff_expansion_factor, cfg.use_bias)
         self.norm_self_att = nn.LayerNorm(d)
-        self.self_attn = RelPositionAttention(d, cfg.n_heads)
+        self.self_attn = RelPositionAttention(d, cfg.n_heads, cfg.use_bias)
         self.norm_conv = nn.LayerNorm(d)
-        self.conv = ConvModule(d, cfg.conv_kernel_size)
+        self.conv = ConvModule(d, cfg.conv_kernel_size, cfg.use_bias)
         self.norm_feed_forward2 = nn.LayerNorm(d)
-        self.feed_forward2 = FeedForward(d, d * cfg.ff_expansion_factor)
+        self.feed_forward2 = FeedForward(d, d * cfg.ff_expansion_factor, cfg.use_bias)
         self.norm_out = nn.LayerNorm(d)
 
     def forward(self, x, pos, att_mask, pad_mask):
