@@ -1,0 +1,113 @@
+"""The Triton paged-attention kernels against the reference attention, on CPU under the Triton interpreter."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU tensors
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from engine.kernels import paged_attention as pa  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not pa.available(), reason="triton is not installed (pip install triton)")
+if pa.available() and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytestmark = pytest.mark.skip(reason="no GPU and TRITON_INTERPRET is not 1")
+
+
+def reference(q, k_cache, v_cache, table, lens, block_size, scale):
+    """Dense attention per sequence over its slots, in float64: [B, h, hd]."""
+    out = []
+    g = q.shape[1] // k_cache.shape[1]
+    for b in range(q.shape[0]):
+        n = int(lens[b])
+        pos = torch.arange(n)
+        slots = table[b, pos // block_size] * block_size + pos % block_size
+        k = k_cache[slots].double().repeat_interleave(g, 1)  # [n, h, hd]
+        v = v_cache[slots].double().repeat_interleave(g, 1)
+        w = torch.softmax(torch.einsum("hd,nhd->hn", q[b].double(), k) * scale, -1)
+        out.append(torch.einsum("hn,nhd->hd", w, v))
+    return torch.stack(out)
+
+
+def make_case(lens, kv_heads, group, head_dim, block_size, dtype, seed, padded_rows=0):
+    """Random pools and block tables (blocks shuffled, block 0 reserved for scratch); padded rows point at
+    block 0 with length 1, as the decoder pads a batch."""
+    g = torch.Generator().manual_seed(seed)
+    pages = [-(-n // block_size) for n in lens]
+    num_blocks = 1 + sum(pages) + 3
+    perm = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    width = max(pages) + 1
+    table = torch.zeros(len(lens) + padded_rows, width, dtype=torch.long)
+    at = 0
+    for i, p in enumerate(pages):
+        table[i, :p] = torch.tensor(perm[at : at + p])
+        at += p
+    shape = (num_blocks * block_size, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=g).to(dtype)
+    v_cache = torch.randn(shape, generator=g).to(dtype)
+    q = torch.randn(len(lens) + padded_rows, kv_heads * group, head_dim, generator=g).to(dtype)
+    seq_lens = torch.tensor(list(lens) + [1] * padded_rows, dtype=torch.long)
+    return q, k_cache, v_cache, table, seq_lens
+
+
+CASES = [  # (lengths, kv_heads, group, head_dim, block_size, num_splits)
+    ([1], 2, 1, 16, 16, 1),
+    ([1, 17, 33], 2, 2, 16, 16, 4),
+    ([5, 16, 31, 64, 100], 1, 3, 32, 32, 3),
+    ([2048], 1, 2, 16, 16, 4),
+    ([2048, 3, 700], 1, 3, 8, 32, 8),
+    ([255, 1, 1024, 77], 2, 1, 16, 32, 2),
+    ([40, 9], 4, 2, 64, 16, 1),  # head_dim and groups of the real model's shape family
+]
+
+
+@pytest.mark.parametrize("lens,kv_heads,group,head_dim,block_size,splits", CASES)
+def test_paged_decode_matches_reference(lens, kv_heads, group, head_dim, block_size, splits):
+    q, kc, vc, table, seq_lens = make_case(lens, kv_heads, group, head_dim, block_size, torch.float32, 0,
+                                           padded_rows=1)
+    scale = head_dim**-0.5
+    got = pa.paged_decode(q, kc, vc, table, seq_lens, block_size, scale, num_splits=splits)
+    ref = reference(q, kc, vc, table, seq_lens, block_size, scale)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=2e-5)
+    # the padded row attends to the scratch block's first slot only: its value row, exactly
+    pad = got[-1].double()
+    torch.testing.assert_close(pad, vc[0].double().repeat_interleave(group, 0), atol=1e-6, rtol=1e-6)
+
+
+def test_paged_decode_bf16_and_split_count_changes_nothing_but_rounding():
+    q, kc, vc, table, seq_lens = make_case([300, 12, 1000], 2, 2, 32, 16, torch.bfloat16, 1)
+    ref = reference(q, kc, vc, table, seq_lens, 16, 32**-0.5)
+    outs = [pa.paged_decode(q, kc, vc, table, seq_lens, 16, 32**-0.5, num_splits=s) for s in (1, 4)]
+    for got in outs:
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), ref, atol=1e-2, rtol=1e-2)
+    again = pa.paged_decode(q, kc, vc, table, seq_lens, 16, 32**-0.5, num_splits=4)
+    assert torch.equal(again, outs[1])  # same split count: same bits
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_store_kv_writes_slots_only(strided):
+    g = torch.Generator().manual_seed(2)
+    kc, vc = torch.zeros(64, 3, 16), torch.zeros(64, 3, 16)
+    slots = torch.tensor([5, 0, 63, 17])
+    if strided:  # as the model hands them over: [B, kvh, 1, hd] viewed as [B, kvh, hd] of a transposed tensor
+        k = torch.randn(4, 1, 3, 16, generator=g).transpose(1, 2)[:, :, 0]
+        v = torch.randn(4, 1, 3, 16, generator=g).transpose(1, 2)[:, :, 0]
+    else:
+        k, v = torch.randn(4, 3, 16, generator=g), torch.randn(4, 3, 16, generator=g)
+    pa.store_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc[slots], k) and torch.equal(vc[slots], v)
+    rest = torch.ones(64, dtype=torch.bool)
+    rest[slots] = False
+    assert not kc[rest].any() and not vc[rest].any()
+
+
+def test_errors_are_clear():
+    q, kc, vc, table, seq_lens = make_case([4], 2, 2, 16, 16, torch.float32, 3)
+    with pytest.raises(ValueError, match="not a multiple"):
+        pa.paged_decode(q[:, :3], kc, vc, table, seq_lens, 16, 1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        pa.paged_decode(q, kc, vc, table, seq_lens, 12, 1.0)
