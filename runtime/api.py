@@ -1,36 +1,49 @@
 """Python API: ``CanaryQwen.from_pretrained(...).transcribe(inputs)``.
 
-Offline batch transcription on the exact PyTorch model: inputs are sorted by length so each batch carries
-little padding (results do not depend on batch composition), run as padded batches, and returned in input
-order.
+A thin synchronous facade over the in-flight ``runtime.Engine``, the one production path: every input is a
+request of its own, batched with the others in flight, and results come back in input order. Results do not
+depend on batch composition, so they equal what each input gives alone. The padded reference generator
+(``engine.model.CanaryQwenModel.generate``) is what the tests compare the engine against.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from engine.backends.base import EncoderBackend
-from engine.checkpoint import DEFAULT_MODEL, build_model, resolve
+from engine.checkpoint import DEFAULT_MODEL
 from engine.model import CanaryQwenModel
 from engine.prompt import DEFAULT_ASR_PROMPT, Tokenizer
 
 from .audio import TARGET_RATE, AudioInput, load_audio
-from .common import TRAINED_MAX_SECONDS, Transcription, pad_short, pick_device, pick_dtype
-from .options import DEFAULT_MAX_NEW_TOKENS
+from .common import TRAINED_MAX_SECONDS, Transcription
+from .engine import Engine
+from .options import DEFAULT_MAX_NEW_TOKENS, EngineOptions
 
 log = logging.getLogger(__name__)
 
+
 class CanaryQwen:
-    def __init__(self, model: CanaryQwenModel, tokenizer: Tokenizer, encoder: EncoderBackend | None = None):
-        """``encoder``: an encoder backend (ONNX Runtime, TensorRT, ...); None runs the model's own perception."""
-        self.model = model
-        self.tokenizer = tokenizer
-        self.encoder = encoder
+    def __init__(self, model: CanaryQwenModel, tokenizer: Tokenizer, encoder: EncoderBackend | None = None,
+                 options: EngineOptions | None = None, engine: Engine | None = None):
+        """``encoder``: an encoder backend (ONNX Runtime, TensorRT, ...); None runs the model's own perception.
+        ``options``: the engine's settings (default: ``EngineOptions()``, with max_seq_len raised so that any
+        audio the model was trained on fits). ``engine``: an engine already built over ``model``."""
+        self.model, self.tokenizer = model, tokenizer
+        if engine is None:
+            if encoder is None:
+                from engine.backends.encoder_torch import TorchEncoder
+
+                encoder = TorchEncoder(model.perception, 64)
+            engine = Engine(model, tokenizer, encoder, options=options or EngineOptions())
+        self.engine = engine
+        self.encoder = engine.encoder
 
     @classmethod
     def from_pretrained(
@@ -42,25 +55,31 @@ class CanaryQwen:
         merge_lora: bool = False,
         encoder: str = "auto",
         artifacts: str | os.PathLike | None = None,
+        **options,
     ) -> "CanaryQwen":
         """``model``: hub id or folder of the release; ``llm``: base LLM hub id or folder (default: the one
         named in config.json, or the NeMo 3.0 files inside the model folder). ``merge_lora`` folds the
         adapter into the weights (faster, not bit-exact). ``encoder``: torch | onnx | tensorrt | auto (the
-        best that the ``artifacts`` folder, written by build/export_encoder.py, allows here)."""
-        dev = pick_device(device)
-        files = resolve(model, llm)
-        net, tok = build_model(files, dtype=pick_dtype(dtype, dev), device=dev, merge_lora=merge_lora)
-        if encoder in ("auto", "torch") and artifacts is None:
-            return cls(net, tok)
-        from engine.backends.encoder import make_encoder
-
-        return cls(net, tok, make_encoder(encoder, net, files, artifacts))
+        best that the ``artifacts`` folder, written by build/export_encoder.py, allows here). ``options``:
+        EngineOptions fields (``max_batch_size``, ``max_seq_len``, ...) and ``decoder``/``decoder_dir``."""
+        engine = Engine.from_pretrained(model, llm, device=device, dtype=dtype, merge_lora=merge_lora,
+                                        encoder=encoder, artifacts=artifacts, **options)
+        return cls(engine.model, engine.tokenizer, engine=engine)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
-    @torch.inference_mode()
+    def close(self) -> None:
+        """Stop the engine's thread (it finishes what it holds); the facade is unusable afterwards."""
+        self.engine.close()
+
+    def __enter__(self) -> "CanaryQwen":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def transcribe_samples(
         self,
         waves: Sequence[np.ndarray],
@@ -69,45 +88,40 @@ class CanaryQwen:
         prompt: str = DEFAULT_ASR_PROMPT,
         progress: Callable[[int], None] | None = None,
     ) -> list[Transcription]:
-        """16 kHz mono float32 waveforms -> transcriptions, in input order."""
+        """16 kHz mono float32 waveforms -> transcriptions, in input order. At most ``batch_size`` of them are
+        in the engine at once (so one call cannot take the whole batch of a shared engine); the first failure
+        is raised once every input has finished."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        prompt_ids = self.tokenizer.prompt_ids(prompt)
-        order = sorted(range(len(waves)), key=lambda i: -len(waves[i]))
-        results: list[Transcription | None] = [None] * len(waves)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            for i, res in zip(idx, self._run_batch([waves[i] for i in idx], prompt_ids, max_new_tokens)):
-                results[i] = res
-            if progress is not None:
-                progress(len(idx))
-        return results  # type: ignore[return-value]
+        results: list[Transcription | BaseException | None] = [None] * len(waves)
+        window: deque = deque()
 
-    def _run_batch(self, waves: list[np.ndarray], prompt_ids: list[int], max_new_tokens: int) -> list[Transcription]:
-        padded = [pad_short(np.asarray(w, dtype=np.float32), self.model.cfg.frontend.hop_length) for w in waves]
-        if self.encoder is not None:
-            audio_emb = self.encoder.encode(padded)
-        else:
-            lens = torch.tensor([len(w) for w in padded])
-            audio = torch.zeros(len(waves), int(lens.max()), dtype=torch.float32)
-            for i, w in enumerate(padded):
-                audio[i, : len(w)] = torch.from_numpy(w)
-            *_, emb_lens, emb = self.model.perception(audio.to(self.device), lens.to(self.device))
-            audio_emb = [emb[i, : emb_lens[i]] for i in range(len(waves))]
-        embeds, mask = self.model.splice([prompt_ids] * len(waves), self.tokenizer.audio_id, audio_emb)
-        gens = self.model.generate(embeds, mask, max_new_tokens, self.tokenizer.eos_id, self.tokenizer.pad_id)
-        out = []
-        for w, gen in zip(waves, gens):
-            ids = gen.token_ids[:-1] if gen.finished else gen.token_ids
-            out.append(Transcription(
-                text=self.tokenizer.decode(ids).strip(),
-                token_ids=ids,
-                duration=len(w) / TARGET_RATE,
-                finish_reason="stop" if gen.finished else "length",
-            ))
-        return out
+        def retire() -> None:
+            i, h = window.popleft()
+            try:
+                results[i] = h.result()
+            except Exception as e:
+                results[i] = e
+            if progress is not None:
+                progress(1)
+
+        for i, w in enumerate(waves):
+            if len(window) >= batch_size:
+                retire()
+            try:
+                h = self.engine.submit(w, sample_rate=TARGET_RATE, max_new_tokens=max_new_tokens, prompt=prompt)
+            except Exception as e:
+                results[i] = e
+                continue
+            window.append((i, h))
+        while window:
+            retire()
+        error = next((r for r in results if isinstance(r, BaseException)), None)
+        if error is not None:
+            raise error
+        return results  # type: ignore[return-value]
 
     def transcribe(
         self,

@@ -98,6 +98,8 @@ class _Request:
     token_ids: list[int]
     sent: str = ""  # text already streamed
     finished: bool = False
+    embedding: torch.Tensor | None = None  # [T_enc, H] once encoded (ahead of admission, or at it)
+    logprobs: list[float] | None = None  # per token, when the decoder gives them
 
 
 class Engine:
@@ -112,7 +114,7 @@ class Engine:
         num_blocks = max(-(-tokens // bs), 2) + 1  # + block 0, the decoder's scratch block
         self.allocator = BlockAllocator(num_blocks, bs)
         self.scheduler = Scheduler(self.allocator, options.max_batch_size, options.max_queue,
-                                   options.max_prefill_tokens)
+                                   options.max_prefill_tokens, options.refill_fraction)
         if decoder is None:
             from engine.backends.decoder_torch import TorchDecoder
 
@@ -126,6 +128,8 @@ class Engine:
         self._cv = threading.Condition()
         self._closing = False
         self.steps = 0
+        self.admit_steps = 0  # steps that admitted requests (each stalls the running streams once)
+        self._encoded_bytes = 0  # embeddings held for waiting requests
         self._thread = None
         if threaded:
             self._thread = threading.Thread(target=self._run, name="canary-trt-engine", daemon=True)
@@ -144,21 +148,22 @@ class Engine:
         from engine.backends.encoder import make_encoder
         from engine.checkpoint import file_sha256
 
+        opts = EngineOptions(**options)
         dev = pick_device(device)
         files = resolve(model, llm)
         net, tok = build_model(files, dtype=pick_dtype(dtype, dev), device=dev, merge_lora=merge_lora)
-        enc = make_encoder(encoder, net, files, artifacts)
+        enc = make_encoder(encoder, net, files, artifacts, max_batch=opts.encoder_batch_size)
         dec = None
         if decoder == "trtllm":
             from engine.backends.decoder_trtllm import TrtllmDecoder
 
             if decoder_dir is None:
                 raise ValueError("decoder='trtllm' needs decoder_dir (the output of build/build_decoder.py)")
-            dec = TrtllmDecoder(decoder_dir, cuda_graphs=options.get("cuda_graphs", True),
+            dec = TrtllmDecoder(decoder_dir, cuda_graphs=opts.cuda_graphs,
                                 expected_weights_sha256=file_sha256(files.weights))
         elif decoder != "torch":
             raise ValueError(f"unknown decoder {decoder!r} (torch | trtllm)")
-        return cls(net, tok, enc, decoder=dec, options=EngineOptions(**options))
+        return cls(net, tok, enc, decoder=dec, options=opts)
 
     def _default_kv_tokens(self) -> int:
         o = self.options
@@ -295,7 +300,8 @@ class Engine:
     def stats(self) -> dict:
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "kv_blocks_used": self.allocator.used_blocks, "kv_blocks_free": self.allocator.free_blocks,
-                "queued": self._queued, "steps": self.steps}
+                "queued": self._queued, "steps": self.steps, "admit_steps": self.admit_steps,
+                "encoded_waiting": sum(r.embedding is not None for r in list(self._requests.values()))}
 
     # ---- engine thread -----------------------------------------------------------------------------
 
@@ -322,6 +328,8 @@ class Engine:
             self.step()
 
     def step(self) -> None:
+        """Take new requests and cancellations; encode ahead; admit a chunk (encode the rest, queue their
+        prefill); one decoder step; postprocess what it delivered."""
         with self._cv:
             inbox, self._inbox = self._inbox, []
         for kind, payload in inbox:
@@ -330,8 +338,10 @@ class Engine:
                 self.scheduler.add(Sequence(payload.handle.id, payload.prompt_len, payload.max_new_tokens))
             elif kind == "cancel" and payload in self._requests:
                 self._finish(self._requests[payload], "cancelled")
+        self._encode_ahead()
         admitted = self.scheduler.schedule()
         if admitted:
+            self.admit_steps += 1
             with self._cv:
                 self._queued -= len(admitted)
             self._admit([self._requests[s.id] for s in admitted], admitted)
@@ -343,12 +353,26 @@ class Engine:
                 for s in list(self.scheduler.running.values()):
                     self._finish(self._requests[s.id], "error", e)
                 new = {}
+            verdicts = getattr(self.decoder, "finished", None)
+            logprobs = getattr(self.decoder, "logprobs", None) or {}
             for rid, tokens in new.items():
+                r = self._requests.get(rid)
+                lp = logprobs.pop(rid, None)
+                verdict = verdicts.pop(rid, None) if verdicts is not None else None
+                if r is None:
+                    continue
+                try:  # postprocessing (detokenisation, callbacks) of one request must not fail the others
+                    self._on_tokens(r, tokens, lp, verdict, verdicts is None)
+                except Exception as e:
+                    log.exception("postprocessing of request %d failed", rid)
+                    self._finish(r, "error", e)
+            for rid in list(verdicts or {}):  # a verdict that came without tokens
+                verdict = verdicts.pop(rid)
                 if rid in self._requests:
-                    try:  # postprocessing (detokenisation, callbacks) of one request must not fail the others
-                        self._on_tokens(self._requests[rid], tokens)
+                    try:
+                        self._on_tokens(self._requests[rid], [], None, verdict, False)
                     except Exception as e:
-                        log.exception("postprocessing of request %d failed", rid)
+                        log.exception("request %d", rid)
                         self._finish(self._requests[rid], "error", e)
             failed = getattr(self.decoder, "failed", {})
             for rid in list(failed):
@@ -357,9 +381,9 @@ class Engine:
                     self._finish(self._requests[rid], "error", RuntimeError(f"decoder: {msg}"))
         self.steps += 1
 
-    def _admit(self, reqs: list[_Request], seqs: list[Sequence]) -> None:
-        """Encode the admitted audio as one batch (one request at a time if the batch fails, so a bad one
-        fails alone), then hand each to the decoder."""
+    def _encode(self, reqs: list[_Request]) -> None:
+        """Encode the requests' audio as one call (the backend cuts it into length-sorted batches); if that
+        fails, one request at a time, so a bad one fails alone. Sets ``embedding`` or fails the request."""
         try:
             embeddings = self.encoder.encode([r.audio for r in reqs])
         except Exception:
@@ -370,32 +394,100 @@ class Engine:
                     embeddings.append(self.encoder.encode([r.audio])[0])
                 except Exception as e:
                     embeddings.append(e)
-        for r, seq, emb in zip(reqs, seqs, embeddings):
+        for r, emb in zip(reqs, embeddings):
             if isinstance(emb, Exception):
                 self._finish(r, "error", emb)
                 continue
+            expected = r.prompt_len - len(r.prompt_ids) + 1
+            if emb.shape[0] != expected:
+                self._finish(r, "error", RuntimeError(f"encoder returned {emb.shape[0]} frames, expected {expected}"))
+                continue
+            r.embedding = emb
+            r.audio = np.empty(0, np.float32)  # the waveform is no longer needed
+            self._encoded_bytes += emb.numel() * emb.element_size()
+
+    def _encode_ahead(self) -> None:
+        """Encode waiting requests before they are admitted, in full batches: when fewer of the requests that
+        the next admission will take are encoded than it needs, encode the next ``encoder_batch_size`` (or
+        what that admission needs, if more) from the front of the queue, within ``encode_ahead_mb``."""
+        waiting = self.scheduler.waiting
+        if not waiting:
+            return
+        free = self.scheduler.max_running - len(self.scheduler.running)
+        need = min(len(waiting), max(free, self.scheduler.refill_slots))
+        front = [self._requests[s.id] for s in list(waiting)[:need]]
+        missing = sum(r.embedding is None for r in front)
+        if not missing:
+            return
+        budget = self.options.encode_ahead_mb * 2**20 - self._encoded_bytes
+        hidden = self.model.cfg.llm.hidden_size * self.model.embed_tokens.weight.element_size()
+        batch, want = [], max(self.options.encoder_batch_size, missing)
+        for s in waiting:
+            r = self._requests[s.id]
+            if r.embedding is not None:
+                continue
+            cost = (r.prompt_len - len(r.prompt_ids) + 1) * hidden
+            if batch and cost > budget:
+                break
+            batch.append(r)
+            budget -= cost
+            if len(batch) >= want:
+                break
+        self._encode(batch)
+
+    def _admit(self, reqs: list[_Request], seqs: list[Sequence]) -> None:
+        """Encode what was not encoded ahead, then hand each request to the decoder."""
+        self._encode([r for r in reqs if r.embedding is None and not r.finished])
+        for r, seq in zip(reqs, seqs):
+            if r.finished:  # failed in the encoder
+                continue
+            emb, r.embedding = r.embedding, None
+            self._encoded_bytes -= emb.numel() * emb.element_size()
             k = r.prompt_ids.index(self.tokenizer.audio_id)
             try:
-                if emb.shape[0] != r.prompt_len - len(r.prompt_ids) + 1:
-                    raise RuntimeError(f"encoder returned {emb.shape[0]} frames, expected "
-                                       f"{r.prompt_len - len(r.prompt_ids) + 1}")
                 self.decoder.add(DecodeRequest(r.handle.id, r.prompt_ids[:k], emb, r.prompt_ids[k + 1 :],
                                                r.max_new_tokens, seq.blocks))
             except Exception as e:
                 self._finish(r, "error", e)
-            r.audio = np.empty(0, np.float32)  # the waveform is no longer needed
 
-    def _on_tokens(self, r: _Request, tokens: list[int]) -> None:
+    def _on_tokens(self, r: _Request, tokens: list[int], logprobs: list[float] | None, verdict: str | None,
+                   legacy: bool) -> None:
+        """Append what the decoder delivered; retire the request on the decoder's verdict ("stop": the last
+        token is end of turn, dropped from the ids; "length"). Any disagreement between the decoder and the
+        tokenizer about where a request ends fails the request loudly instead of decoding on forever."""
         if r.finished:
             return
-        if r.handle.first_token_at is None:
+        if tokens and r.handle.first_token_at is None:
             r.handle.first_token_at = time.perf_counter()
-        for t in tokens:
-            if t == self.tokenizer.eos_id:
-                return self._finish(r, "stop")
-            r.token_ids.append(t)
-            if len(r.token_ids) >= r.max_new_tokens:
-                return self._finish(r, "length")
+        eos = self.tokenizer.eos_id
+        if legacy:  # a decoder without verdicts: the engine decides on eos and the length limit itself
+            if eos in tokens:
+                tokens, verdict = tokens[: tokens.index(eos) + 1], "stop"
+            elif len(r.token_ids) + len(tokens) >= r.max_new_tokens:
+                verdict = "length"
+        r.token_ids.extend(tokens)
+        if logprobs is not None:
+            r.logprobs = (r.logprobs or []) + list(logprobs)
+        if verdict == "stop":
+            if not r.token_ids or r.token_ids[-1] != eos:
+                last = r.token_ids[-1] if r.token_ids else None
+                raise RuntimeError(f"request {r.handle.id}: the decoder stopped on token {last}, not on the "
+                                   f"tokenizer's end of turn {eos}: decoder and tokenizer disagree on eos")
+            r.token_ids.pop()
+            if r.logprobs:
+                r.logprobs = r.logprobs[: len(r.token_ids)]
+            return self._finish(r, "stop")
+        if verdict not in (None, "length"):
+            raise RuntimeError(f"request {r.handle.id}: unknown finish reason {verdict!r} from the decoder")
+        if len(r.token_ids) > r.max_new_tokens or eos in tokens:
+            raise RuntimeError(f"request {r.handle.id}: the decoder went past "
+                               f"{'end of turn' if eos in tokens else f'max_new_tokens={r.max_new_tokens}'} "
+                               f"without finishing the request: decoder and tokenizer disagree on eos or limits")
+        if verdict == "length":
+            return self._finish(r, "length")
+        if len(r.token_ids) == r.max_new_tokens:
+            raise RuntimeError(f"request {r.handle.id}: the decoder delivered max_new_tokens={r.max_new_tokens} "
+                               f"tokens without finishing the request")
         self._emit(r, final=False)
 
     def _emit(self, r: _Request, final: bool) -> None:
@@ -414,6 +506,9 @@ class Engine:
         if r.finished:
             return
         r.finished = True
+        if r.embedding is not None:
+            self._encoded_bytes -= r.embedding.numel() * r.embedding.element_size()
+            r.embedding = None
         self.decoder.release(r.handle.id)
         if r.handle.id not in self.scheduler.running:  # retired while still waiting for admission
             with self._cv:
@@ -426,7 +521,7 @@ class Engine:
             h._error = error if isinstance(error, Exception) else RuntimeError(str(error))
         else:
             h._result = Transcription(self.tokenizer.decode(r.token_ids).strip(), list(r.token_ids), h.duration,
-                                      reason)
+                                      reason, logprobs=r.logprobs)
             self._emit(r, final=True)
         h._done.set()
         _notify(h, None)

@@ -30,6 +30,13 @@ class EngineOptions:
     kv_memory_fraction: float = 0.8
     cuda_graphs: bool = True  # capture the decode step (CUDA only); False: eager
     prompt: str = DEFAULT_ASR_PROMPT
+    # Admission in chunks: refill the running batch once this fraction of it is free (or nothing runs, or all
+    # that waits fits). Each admission stalls the running streams for one encoder + prefill pass.
+    refill_fraction: float = 0.25
+    encoder_batch_size: int = 64  # clips per encoder batch (length-sorted)
+    # Embeddings held for waiting requests, encoded ahead of their admission. At the release sizes one second
+    # of audio is 12.5 frames x 2048 x 2 bytes (bf16) = 51 KB, so 512 MB hold about 2.7 hours of audio.
+    encode_ahead_mb: float = 512.0
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ audio + 256 new tokens: more than the decode batch sizes that pay off).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -74,11 +75,21 @@ class Sequence:
 
 class Scheduler:
     """FIFO admission under three limits: running sequences, KV blocks, and prompt tokens per step (so one
-    step's prefill stays short and running sequences keep streaming)."""
+    step's prefill stays short and running sequences keep streaming).
 
-    def __init__(self, allocator: BlockAllocator, max_running: int, max_waiting: int, max_prefill_tokens: int):
+    Admission comes in chunks: a running batch is refilled only once ``refill_fraction`` of its slots are free
+    (or nothing runs, or everything waiting fits now). Each admission stalls the running streams for one
+    encoder + prefill pass, so a few big admissions cost less than one small admission per step, and the
+    prefill and encoder batches come out big.
+    """
+
+    def __init__(self, allocator: BlockAllocator, max_running: int, max_waiting: int, max_prefill_tokens: int,
+                 refill_fraction: float = 0.0):
+        if not 0.0 <= refill_fraction <= 1.0:
+            raise ValueError(f"refill_fraction must be in [0, 1], got {refill_fraction}")
         self.allocator = allocator
         self.max_running, self.max_waiting, self.max_prefill_tokens = max_running, max_waiting, max_prefill_tokens
+        self.refill_slots = max(1, math.ceil(max_running * refill_fraction))
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
 
@@ -95,9 +106,19 @@ class Scheduler:
             raise QueueFull(f"{len(self.waiting)} requests already waiting")
         self.waiting.append(seq)
 
+    def should_refill(self) -> bool:
+        """Whether this step admits: a slot is free and either nothing runs, ``refill_slots`` are free, or
+        every waiting sequence fits in the free slots (then waiting longer gains nothing)."""
+        free = self.max_running - len(self.running)
+        if free <= 0 or not self.waiting:
+            return False
+        return not self.running or free >= self.refill_slots or len(self.waiting) <= free
+
     def schedule(self) -> list[Sequence]:
         """Admit waiting sequences in arrival order while they fit; reserve their blocks. Stops at the first
         that does not fit so a long request is not starved by shorter ones behind it."""
+        if not self.should_refill():
+            return []
         admitted, tokens = [], 0
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]

@@ -55,13 +55,15 @@ def assert_idle_and_clean(engine: Engine) -> None:
     assert not engine._requests and engine._queued == 0
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_random_schedules_match_goldens(loaded, expected, seed):
     """Random arrival steps, batch limits (forcing slot reuse), a small KV pool (forcing waits) and
     cancellations: every uncancelled request gets NeMo's ids; a cancelled one a prefix of them."""
     rng = random.Random(seed)
     engine = make_engine(loaded, max_batch_size=rng.randint(1, 4), kv_block_size=rng.choice([1, 4, 16]),
-                         kv_cache_tokens=rng.choice([150, 300, 2000]), max_prefill_tokens=rng.choice([50, 4096]))
+                         kv_cache_tokens=rng.choice([150, 300, 2000]), max_prefill_tokens=rng.choice([50, 4096]),
+                         refill_fraction=rng.choice([0.0, 0.25, 1.0]), encoder_batch_size=rng.choice([1, 3, 64]),
+                         encode_ahead_mb=rng.choice([0.001, 512.0]))
     stems = [rng.choice(TINY.stems) for _ in range(9)]
     arrive = sorted(rng.randrange(0, 30) for _ in stems)
     cancel_at = {rng.randrange(len(stems)): rng.randrange(0, 40) for _ in range(2)}
@@ -193,9 +195,9 @@ def test_engine_matches_reference_batched_generate(loaded):
     handles = [engine.submit(w, sample_rate=16000) for w in waves]
     engine.run_until_idle()
     got = [h.result(0) for h in handles]
-    from runtime.api import CanaryQwen
+    from reference import reference_transcribe
 
-    ref = CanaryQwen(model, tok).transcribe_samples(waves, batch_size=4, max_new_tokens=12)
+    ref = reference_transcribe(model, tok, waves, max_new_tokens=12, batch_size=4)
     assert [g.token_ids for g in got] == [r.token_ids for r in ref]
     assert [g.finish_reason for g in got] == [r.finish_reason for r in ref]
 
@@ -293,3 +295,71 @@ def test_submit_stops_decoding_past_max_seq_len(loaded, tmp_path):
     engine = make_engine(loaded, max_seq_len=100)  # 100 tokens hold at most 8 s of audio
     with pytest.raises(AudioTooLong, match="long.flac: audio is longer than .* max_seq_len=100"):
         engine.submit(path)
+
+
+class ScriptedDecoder:
+    """A decoder backend that plays a script per request: the tokens of each step, and its verdict."""
+
+    name = "scripted"
+
+    def __init__(self, script):
+        self.script, self.failed, self.finished, self.logprobs = script, {}, {}, {}
+        self.live: dict[int, list] = {}
+
+    def add(self, req):
+        self.live[req.request_id] = list(self.script(req.request_id))
+
+    def step(self):
+        out = {}
+        for rid, steps in list(self.live.items()):
+            if not steps:
+                continue
+            tokens, verdict = steps.pop(0)
+            out[rid] = tokens
+            self.logprobs[rid] = [-0.5] * len(tokens)
+            if verdict:
+                self.finished[rid] = verdict
+        return out
+
+    def release(self, rid):
+        self.live.pop(rid, None)
+
+
+def run_scripted(loaded, script, max_new_tokens=4, n=1):
+    model, tok, enc = loaded
+    engine = Engine(model, tok, enc, decoder=ScriptedDecoder(script),
+                    options=EngineOptions(max_new_tokens=max_new_tokens), threaded=False)
+    handles = [engine.submit(TINY.audio_path(TINY.stems[0])) for _ in range(n)]
+    for _ in range(50):  # a bounded loop: the engine must never keep a request it cannot finish
+        engine.step()
+        if engine.scheduler.idle:
+            break
+    assert engine.scheduler.idle and engine.allocator.used_blocks == 0 and not engine._requests
+    return engine, handles
+
+
+def test_engine_retires_requests_on_the_decoders_verdict(loaded):
+    eos = loaded[1].eos_id
+    _, [h] = run_scripted(loaded, lambda rid: [([5], None), ([6, eos], "stop")])
+    r = h.result(0)
+    assert (r.token_ids, r.finish_reason, r.logprobs) == ([5, 6], "stop", [-0.5, -0.5])
+    _, [h] = run_scripted(loaded, lambda rid: [([5], None), ([6, 7], "length")], max_new_tokens=3)
+    assert (h.result(0).token_ids, h.result(0).finish_reason) == ([5, 6, 7], "length")
+
+
+@pytest.mark.parametrize("case", ["eos_without_verdict", "stop_on_other_token", "past_limit", "unknown_reason"])
+def test_decoder_and_tokenizer_disagreeing_fails_the_request_loudly(loaded, case):
+    """A decoder whose idea of eos (or of the limit) differs from the tokenizer's: the request fails with a
+    message saying so, the engine goes idle (no endless decoding), and other requests are unaffected."""
+    eos = loaded[1].eos_id
+    scripts = {
+        "eos_without_verdict": [([5], None), ([eos], None), ([8], None), ([9], "length")],
+        "stop_on_other_token": [([5], None), ([7], "stop")],
+        "past_limit": [([5, 6], None), ([7, 8, 9], None)],
+        "unknown_reason": [([5], "done")],
+    }
+    good = [([3], None), ([eos], "stop")]
+    _, handles = run_scripted(loaded, lambda rid: scripts[case] if rid == 0 else good, n=2)
+    with pytest.raises(RuntimeError, match="decoder"):
+        handles[0].result(0)
+    assert handles[1].result(0).token_ids == [3]

@@ -27,9 +27,10 @@ ops = st.lists(st.tuples(st.sampled_from(["add", "step", "finish", "cancel_waiti
 
 @settings(max_examples=150, deadline=None)
 @given(ops=ops, num_blocks=st.integers(8, 80), block_size=st.sampled_from([1, 4, 16]),
-       max_running=st.integers(1, 8), max_waiting=st.integers(1, 20), prefill=st.integers(1, 400))
-def test_random_schedules_keep_invariants(ops, num_blocks, block_size, max_running, max_waiting, prefill):
-    s = Scheduler(BlockAllocator(num_blocks, block_size), max_running, max_waiting, prefill)
+       max_running=st.integers(1, 8), max_waiting=st.integers(1, 20), prefill=st.integers(1, 400),
+       refill=st.sampled_from([0.0, 0.25, 0.5, 1.0]))
+def test_random_schedules_keep_invariants(ops, num_blocks, block_size, max_running, max_waiting, prefill, refill):
+    s = Scheduler(BlockAllocator(num_blocks, block_size), max_running, max_waiting, prefill, refill)
     finished: dict[int, int] = {}
     next_id = 0
     for op, a, b in ops:
@@ -46,9 +47,13 @@ def test_random_schedules_keep_invariants(ops, num_blocks, block_size, max_runni
             before = len(s.waiting)
             admitted = s.schedule()
             assert len(admitted) <= before
-            if s.waiting and len(s.running) < max_running and not admitted:
+            free = max_running - (len(s.running) - len(admitted))
+            refill_due = free > 0 and (len(s.running) == len(admitted) or free >= s.refill_slots or before <= free)
+            if before and refill_due and not admitted:
                 head = s.waiting[0]  # only a lack of blocks may hold the queue's head back
                 assert s.allocator.blocks_for(head.max_tokens) > s.allocator.free_blocks
+            if admitted:
+                assert refill_due  # chunked admission: never a refill of fewer free slots than asked for
         elif op in ("finish", "fail") and s.running:
             rid = sorted(s.running)[a % len(s.running)]
             assert s.finish(rid).id == rid
@@ -98,3 +103,21 @@ def test_allocator_errors():
         a.free(blocks[:1])
     with pytest.raises(ValueError):
         BlockAllocator(1, 16)
+
+
+def test_refill_waits_for_a_quarter_of_the_batch_unless_everything_fits():
+    s = Scheduler(BlockAllocator(1000, 16), max_running=8, max_waiting=100, max_prefill_tokens=10_000,
+                  refill_fraction=0.25)
+    for i in range(19):
+        s.add(Sequence(i, 10, 5))
+    assert len(s.schedule()) == 8  # nothing running: fill the batch
+    s.finish(0)
+    assert s.schedule() == []  # 1 free slot of 8: wait for a quarter
+    s.finish(1)
+    assert [q.id for q in s.schedule()] == [8, 9]  # 2 of 8 free: refill, in arrival order
+    while len(s.waiting) > 1:
+        s.finish(next(iter(s.running)))
+        s.finish(next(iter(s.running)))
+        s.schedule()
+    s.finish(next(iter(s.running)))
+    assert len(s.schedule()) == 1  # the last waiting one fits in the one free slot: no reason to wait
