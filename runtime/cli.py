@@ -13,7 +13,7 @@ from .options import add_engine_arguments, add_model_arguments, engine_kwargs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, bench_serve, longform, server
+    from . import bench, bench_serve, dataset, longform, server
     from .triton import repository
 
     parser = argparse.ArgumentParser(prog="canary-trt", description="Fast, exact Canary-Qwen-2.5B inference.")
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("serve", server, "OpenAI-compatible transcription server"),
             ("triton-repo", repository, "write a Triton Inference Server model repository"),
             ("bench", bench, "RTFx and WER on manifests, as the Open ASR Leaderboard measures them"),
-            ("bench-serve", bench_serve, "load test of a running server: latency, TTFT, throughput")):
+            ("bench-serve", bench_serve, "load test of a running server: latency, TTFT, throughput"),
+            ("transcribe-dataset", dataset, "transcribe a corpus on a Ray cluster (Ray Data, resumable)")):
         p = sub.add_parser(name, help=text)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
