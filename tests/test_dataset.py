@@ -1,0 +1,183 @@
+"""``canary-trt transcribe-dataset`` on a local Ray cluster on CPU (2 actors, each with the fixture engine):
+rows equal the single-process CLI's jsonl, a corrupted file gives exactly one error row, an actor killed mid-job
+loses no row and duplicates none, and a rerun over finished output transcribes nothing.
+
+One Ray cluster serves every test (its start-up is slow on 2 cores); it has 4 logical CPUs so the 2 actors
+(1 CPU each) leave room for the read tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="needs Ray: pip install 'canary-trt[ray]'")
+
+from conftest import FIXTURES  # noqa: E402
+from runtime.cli import main  # noqa: E402
+from runtime.dataset import finished_ids, transcribe_dataset  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+TINY = FIXTURES / "tiny-canary-qwen"
+MANIFEST = HERE.parent / "benchmarks" / "manifests" / "tiny_fixture.jsonl"
+MODEL_ARGS = ["--model", str(TINY / "model"), "--llm", str(TINY / "llm"), "--device", "cpu",
+              "--max-new-tokens", "24", "--batch-size", "8", "--max-queue", "64"]
+REPEATS = 3
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # The workers import this module for the crashing engine factory below.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The fixture manifest repeated REPEATS times (ids r<k>-<stem>), relative paths, plus one corrupted file."""
+    root = tmp_path_factory.mktemp("corpus")
+    shutil.copytree(TINY / "audio", root / "audio")
+    (root / "audio" / "broken.wav").write_bytes(b"RIFF....WAVEfmt garbage" * 4)
+    rows = [json.loads(line) for line in MANIFEST.read_text().splitlines() if line.strip()]
+    lines = []
+    for k in range(REPEATS):
+        for r in rows:
+            name = Path(r["audio_filepath"]).name
+            lines.append({"id": f"r{k}-{name}", "audio_filepath": f"audio/{name}", "duration": r["duration"]})
+    lines.insert(4, {"id": "broken", "audio_filepath": "audio/broken.wav", "duration": 1.0})
+    manifest = root / "manifest.json"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return {"manifest": manifest, "ids": [x["id"] for x in lines],
+            "files": sorted({str(root / x["audio_filepath"]) for x in lines})}
+
+
+@pytest.fixture(scope="module")
+def cli_rows(corpus):
+    """The single-process reference: ``canary-trt transcribe --output-format jsonl``, by audio path."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["transcribe", *corpus["files"], *MODEL_ARGS, "--output-format", "jsonl", "--no-progress"]) == 1
+    return {r["audio"]: r for r in map(json.loads, out.getvalue().splitlines())}
+
+
+def rows_of(output: Path) -> list[dict]:
+    return [json.loads(line) for part in sorted(output.glob("part-*.jsonl")) for line in part.read_text().splitlines()]
+
+
+def engine_kwargs(**over) -> dict:
+    from argparse import Namespace
+
+    from runtime.options import engine_kwargs as kwargs
+
+    args = Namespace(model=str(TINY / "model"), llm=str(TINY / "llm"), device="cpu", dtype="auto", merge_lora=False,
+                     encoder="auto", artifacts=None, engine_dir=None, max_batch_size=8, max_queue=64,
+                     max_seq_len=1024, max_new_tokens=24, kv_cache_tokens=None, no_cuda_graphs=False)
+    return {**kwargs(args), **over}
+
+
+def test_rows_equal_the_cli_and_a_rerun_does_nothing(cluster, corpus, cli_rows, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["transcribe-dataset", str(corpus["manifest"]), "--output", str(out), "--replicas", "2",
+                 "--rows-per-batch", "3", "--no-progress", *MODEL_ARGS])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    rows = rows_of(out)
+    assert sorted(r["id"] for r in rows) == sorted(corpus["ids"])
+    assert summary["processed"] == len(rows) and summary["errors"] == 1 and summary["skipped"] == 0
+    assert summary["audio_seconds"] == pytest.approx(sum(r["duration"] or 0 for r in rows), abs=1e-2)
+    errors = [r for r in rows if r["error"] is not None]
+    assert [r["id"] for r in errors] == ["broken"]
+    assert "cannot decode audio" in errors[0]["error"] and "broken.wav" in errors[0]["error"]
+    assert "error" in cli_rows[errors[0]["audio"]]
+    for r in rows:
+        if r["error"] is None:
+            ref = cli_rows[r["audio"]]
+            assert {k: r[k] for k in ref} == ref, r["id"]
+    assert len({r["text"] for r in rows if r["text"]}) == 5  # five different clips, five different transcripts
+
+    # a second run over the finished output transcribes nothing (and starts no engine)
+    again = transcribe_dataset(str(corpus["manifest"]), str(out), engine_kwargs(), replicas=2, rows_per_batch=3, progress=False)
+    assert (again.processed, again.skipped, again.files) == (0, len(rows), len(rows))
+    assert rows_of(out) == rows
+
+    # resumable: a lost part file is transcribed again, and only it
+    parts = sorted(out.glob("part-*.jsonl"))
+    lost = [json.loads(line)["id"] for line in parts[0].read_text().splitlines()]
+    parts[0].unlink()
+    resumed = transcribe_dataset(str(corpus["manifest"]), str(out), engine_kwargs(), replicas=2,
+                                 rows_per_batch=3, progress=False)
+    assert resumed.processed == len(lost) and resumed.skipped == len(rows) - len(lost)
+    assert Counter(finished_ids(str(out))) == Counter(corpus["ids"])
+
+
+def crashing_engine(marker: str, starts: str, **kwargs):
+    """Engine factory run in the Ray actors: the first actor to claim ``marker`` SIGKILLs itself after its
+    second result, mid-batch (as the OOM killer or a node failure would). Every start is logged to ``starts``."""
+    from runtime.engine import Engine
+
+    with open(starts, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    engine = Engine.from_pretrained(**kwargs)
+    real_map = engine.map
+
+    def map_then_die(inputs, **kw):
+        for n, item in enumerate(real_map(inputs, **kw)):
+            if n == 1:
+                try:
+                    os.rename(marker, marker + ".claimed")  # atomic: exactly one actor, once
+                except FileNotFoundError:
+                    pass
+                else:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            yield item
+
+    engine.map = map_then_die
+    return engine
+
+
+def test_killed_actor_loses_no_rows_and_duplicates_none(cluster, corpus, cli_rows, tmp_path):
+    marker, starts = tmp_path / "crash-once", tmp_path / "starts"
+    marker.touch()
+    out = tmp_path / "out"
+    summary = transcribe_dataset(str(corpus["manifest"]), str(out),
+                                 engine_kwargs(marker=str(marker), starts=str(starts)), replicas=2,
+                                 rows_per_batch=2, engine_factory="test_dataset:crashing_engine", progress=False)
+    assert not marker.exists() and Path(str(marker) + ".claimed").exists()  # an actor did die
+    assert len(starts.read_text().split()) >= 3  # 2 actors + the restarted one
+    rows = rows_of(out)
+    assert Counter(r["id"] for r in rows) == Counter(corpus["ids"])  # every row once
+    assert summary.processed == len(rows) and summary.errors == 1
+    for r in rows:
+        if r["error"] is None:
+            ref = cli_rows[r["audio"]]
+            assert {k: r[k] for k in ref} == ref, r["id"]
+
+
+def test_folder_and_parquet_inputs(cluster, corpus, tmp_path):
+    """A folder of audio and a parquet file with a path column read the same rows (keyed by path)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from runtime.dataset import read_inputs
+
+    audio = corpus["manifest"].parent / "audio"
+    folder = read_inputs(str(audio)).take_all()
+    assert sorted(r["audio"] for r in folder) == corpus["files"] and all(r["id"] == r["audio"] for r in folder)
+    table = pa.table({"path": [f"audio/{Path(f).name}" for f in corpus["files"]]})
+    pq.write_table(table, tmp_path / "corpus.parquet")
+    shutil.copytree(audio, tmp_path / "audio")
+    rows = read_inputs(str(tmp_path / "corpus.parquet")).take_all()
+    assert sorted(r["audio"] for r in rows) == sorted(str(tmp_path / "audio" / Path(f).name) for f in corpus["files"])
+    with pytest.raises(ValueError, match="no audio path column"):
+        pq.write_table(pa.table({"x": [1]}), tmp_path / "bad.parquet")
+        read_inputs(str(tmp_path / "bad.parquet"))
