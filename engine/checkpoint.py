@@ -73,14 +73,20 @@ def _download(repo_id: str, patterns: list[str], what: str) -> Path:
         raise FileNotFoundError(f"{what} {repo_id!r}: could not fetch from the hub ({type(e).__name__}: {e})") from e
 
 
-def resolve(model: str | os.PathLike = DEFAULT_MODEL, llm: str | os.PathLike | None = None) -> ModelFiles:
-    """Locate config, weights, LLM config and tokenizer; download what is missing from the hub."""
+def resolve_model_dir(model: str | os.PathLike = DEFAULT_MODEL) -> Path:
+    """The release folder alone (config.json + model.safetensors), downloaded if it is a hub id."""
     model = str(model)
     model_dir = Path(os.path.expanduser(model)) if _is_local(model) else _download(
         model, MODEL_FILES + NEMO_EXTRA_FILES, "model")
     for f in MODEL_FILES:
         if not (model_dir / f).is_file():
             raise FileNotFoundError(f"model {model}: {model_dir / f} is missing")
+    return model_dir
+
+
+def resolve(model: str | os.PathLike = DEFAULT_MODEL, llm: str | os.PathLike | None = None) -> ModelFiles:
+    """Locate config, weights, LLM config and tokenizer; download what is missing from the hub."""
+    model_dir = resolve_model_dir(model)
     if llm is None and (model_dir / "llm_backbone" / "config.json").is_file() and (
             model_dir / "tokenizer.json").is_file():
         return ModelFiles(model_dir, model_dir / "llm_backbone" / "config.json", model_dir)

@@ -23,14 +23,16 @@ def feature_lengths(cfg: FrontendConfig, audio_lengths: torch.Tensor) -> torch.T
 def normalize_per_feature(x: torch.Tensor, lengths: torch.Tensor, eps: float) -> torch.Tensor:
     """Per utterance and mel bin: subtract the mean and divide by (unbiased std + eps) over valid frames.
 
-    x: [B, n_mels, T]; frames t >= lengths[b] do not count. NaN std (a single frame) becomes 0, as NeMo.
+    x: [B, n_mels, T]; frames t >= lengths[b] do not count. A single frame has std 0: NeMo gets 0/0 = NaN
+    there and zeroes it; here no NaN is ever made (the same values), so none has to survive a compiler's fused
+    kernels (a clip of 160-319 samples has one frame).
     """
     valid = (torch.arange(x.shape[2], device=x.device)[None, :] < lengths[:, None]).unsqueeze(1)  # [B, 1, T]
     count = valid.sum(dim=2)  # [B, 1]
     mean = torch.where(valid, x, 0.0).sum(dim=2) / count  # [B, n_mels]
     var_sum = torch.sum(torch.where(valid, x - mean.unsqueeze(2), 0.0) ** 2, dim=2)
-    std = torch.sqrt(var_sum / (count - 1.0))
-    std = std.masked_fill(std.isnan(), 0.0) + eps
+    # clamp: the branch where() drops must not compute 0/0 either.
+    std = torch.where(count > 1, torch.sqrt(var_sum / (count - 1.0).clamp(min=1.0)), 0.0) + eps
     return (x - mean.unsqueeze(2)) / std.unsqueeze(2)
 
 
@@ -80,20 +82,24 @@ class MelFrontend(nn.Module):
         return power_to_features(cfg, self.fb, mag.pow(cfg.mag_power), seq_len), seq_len
 
 
-def dft_basis(cfg: FrontendConfig, window: torch.Tensor) -> torch.Tensor:
-    """Windowed real DFT as convolution weights: [2 * n_freqs, 1, n_fft] float32, cosines then sines.
+def window_offset(cfg: FrontendConfig) -> int:
+    """First sample of the window inside the n_fft frame (torch.stft centres a shorter window)."""
+    return (cfg.n_fft - cfg.win_length) // 2
 
-    Row k holds w[n] cos(2 pi k n / n_fft) (row n_freqs + k: -w[n] sin(...)), with the window centred in
-    n_fft as torch.stft pads a shorter one. Built in float64 with k * n reduced mod n_fft, so each weight
+
+def dft_basis(cfg: FrontendConfig, window: torch.Tensor) -> torch.Tensor:
+    """Windowed real DFT as convolution weights: [2 * n_freqs, 1, win_length] float32, cosines then sines.
+
+    Row k holds w[m] cos(2 pi k n / n_fft) (row n_freqs + k: -w[m] sin(...)) for frame sample
+    n = window_offset + m: only the window's taps, since the frame's other n_fft - win_length samples
+    (112 of 512 here) are multiplied by zero. Built in float64 with k * n reduced mod n_fft, so each weight
     is the correctly rounded float32 of the exact value.
     """
-    n = torch.arange(cfg.n_fft, dtype=torch.float64)
+    n = window_offset(cfg) + torch.arange(cfg.win_length, dtype=torch.float64)
     k = torch.arange(cfg.n_freqs, dtype=torch.float64)
-    angle = 2 * torch.pi * torch.remainder(k[:, None] * n[None, :], cfg.n_fft) / cfg.n_fft  # [n_freqs, n_fft]
-    left = (cfg.n_fft - cfg.win_length) // 2
-    w = torch.zeros(cfg.n_fft, dtype=torch.float64)
-    w[left : left + cfg.win_length] = window.double()
-    basis = torch.cat((torch.cos(angle) * w, -torch.sin(angle) * w))  # [2 * n_freqs, n_fft]
+    angle = 2 * torch.pi * torch.remainder(k[:, None] * n[None, :], cfg.n_fft) / cfg.n_fft  # [n_freqs, win]
+    w = window.double()
+    basis = torch.cat((torch.cos(angle) * w, -torch.sin(angle) * w))  # [2 * n_freqs, win_length]
     return basis.float().unsqueeze(1)
 
 
@@ -102,7 +108,7 @@ class ConvMelFrontend(nn.Module):
     Conv1d over a fixed windowed DFT basis, so the graph holds only operators the TensorRT ONNX parser
     supports (it has no STFT / DFT in TensorRT 10). Always float32.
 
-    Not bit-equal to torch.stft (a direct 512-term sum instead of an FFT): the difference is float32 rounding,
+    Not bit-equal to torch.stft (a direct 400-term sum over the window instead of an FFT): the difference is float32 rounding,
     amplified by log() in near-silent bins, like MelFrontend's own distance to NeMo.
     """
 
@@ -116,8 +122,10 @@ class ConvMelFrontend(nn.Module):
         cfg = self.cfg
         seq_len = feature_lengths(cfg, lengths)
         x = preemphasize(cfg, audio.float(), lengths)
-        # center=True with constant padding: n_fft // 2 zeros on each side, then frames every hop samples.
-        x = F.pad(x.unsqueeze(1), (cfg.n_fft // 2, cfg.n_fft // 2))  # [B, 1, N + n_fft]
+        # center=True: frame t spans x[t * hop - n_fft // 2 :][: n_fft] (zeros outside), of which the window
+        # covers win_length samples from window_offset on. Padding win_length in all keeps N // hop + 1 frames.
+        left = cfg.n_fft // 2 - window_offset(cfg)
+        x = F.pad(x.unsqueeze(1), (left, cfg.win_length - left))  # [B, 1, N + win_length]
         spec = F.conv1d(x, self.basis, stride=cfg.hop_length)  # [B, 2 * n_freqs, N // hop + 1]
         re, im = spec[:, : cfg.n_freqs], spec[:, cfg.n_freqs :]
         mag = torch.sqrt(re.pow(2) + im.pow(2))  # NeMo's order again: magnitude, then power

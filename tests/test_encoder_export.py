@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 
 import numpy as np
@@ -67,9 +68,18 @@ def model(files):
 def fp32_dir(tmp_path_factory):
     """Exported the way a user does it: through build/export_encoder.py."""
     out = tmp_path_factory.mktemp("encoder-fp32")
-    args = ["--model", str(TINY.root / "model"), "--llm", str(TINY.root / "llm"), "--output", str(out),
-            "--max-duration", str(MAX_DURATION)]
-    assert load_script("export_encoder").main(args) == 0
+    # The model folder alone (no --llm): its config names a base LLM that is not on this machine, and offline
+    # the hub cannot be asked; the projection's width comes from the weights.
+    args = ["--model", str(TINY.root / "model"), "--output", str(out), "--max-duration", str(MAX_DURATION)]
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        assert load_script("export_encoder").main(args) == 0
+    finally:
+        if old is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
     return out
 
 
@@ -99,6 +109,7 @@ def run_graphs(d, stems, encoder_run=None):
     mel, mel_lens = session(d / "frontend.onnx").run(None, {"audio": x.numpy(), "audio_lengths": lens.numpy()})
     feeds = {"audio_features": mel, "feature_lengths": mel_lens}
     emb, emb_lens = (encoder_run or session(d / "encoder.onnx").run)(None, feeds)
+    emb = np.asarray(emb).astype(np.float32)  # the graph's precision (bf16 arrives as an ml_dtypes array)
     return tuple(torch.from_numpy(np.asarray(t)) for t in (mel, mel_lens, emb, emb_lens))
 
 
@@ -201,8 +212,9 @@ def test_low_precision_graphs_keep_fp32_islands(precision, request):
     assert islands and all(types[n.input[0]] == f32 and types[n.output[0]] == f32 for n in islands)
     matmuls = [types[n.output[0]] for n in model.graph.node if n.op_type == "MatMul"]
     assert matmuls.count(low) > 0 and matmuls.count(f32) > 0  # linears low, attention scores fp32
-    io = list(model.graph.input) + list(model.graph.output)
-    assert all(types[v.name] in (f32, onnx.TensorProto.INT64) for v in io)
+    assert {v.name: types[v.name] for v in list(model.graph.input) + list(model.graph.output)} == {
+        "audio_features": f32, "feature_lengths": onnx.TensorProto.INT64,
+        "audio_embeddings": low, "embedding_lengths": onnx.TensorProto.INT64}  # embeddings in the LLM's dtype
     frontend = onnx.shape_inference.infer_shapes(onnx.load(str(d / "frontend.onnx")), strict_mode=True)
     values = list(frontend.graph.value_info) + list(frontend.graph.output)
     assert all(v.type.tensor_type.elem_type != low for v in values)
@@ -241,6 +253,8 @@ def test_metadata_round_trip(fp32_dir, fp16_dir, bf16_dir, files, model):
         enc = meta["files"]["encoder"]
         assert enc["inputs"]["audio_features"] == {"dtype": "float32", "shape": ["batch", 128, "mel_frames"]}
         assert enc["outputs"]["audio_embeddings"]["shape"][2] == model.cfg.llm.hidden_size
+        assert enc["outputs"]["audio_embeddings"]["dtype"] == {"fp32": "float32", "fp16": "float16",
+                                                               "bf16": "bfloat16"}[precision]
         assert enc["outputs"]["embedding_lengths"]["dtype"] == "int64"
         assert meta["files"]["frontend"]["inputs"]["audio"]["shape"] == ["batch", "samples"]
         s = meta["shapes"]
@@ -340,8 +354,9 @@ def test_tensorrt_profile_shapes(fp32_dir):
     with pytest.raises(ValueError, match="1 <= min <= opt <= max"):
         Profile((2, 1, 4), (1.0, 1.0, 2.0)).shapes(meta)
     ops = parser_ops()
-    assert ops.version == "10.15" and ops.opsets == (9, 24) and {"Conv", "LayerNormalization"} <= ops.ops
-    assert not {"DFT", "MelWeightMatrix"} & ops.ops
+    assert ops.version == "10.15" and ops.opsets == (9, 24) and {"Conv", "LayerNormalization"} <= set(ops.ops)
+    assert not {"DFT", "MelWeightMatrix"} & set(ops.ops)
+    assert ops.ops["STFT"] == {"FLOAT"} and ops.ops["Conv"] == {"FLOAT", "FLOAT16", "BFLOAT16"}
 
 
 def test_build_engine_script_says_tensorrt_is_missing(fp32_dir, capsys):

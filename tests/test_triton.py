@@ -44,12 +44,21 @@ def _engine_args(**over) -> dict:
 
 # ---- configs -------------------------------------------------------------------------------------------------
 
+def decoder_build(out: Path, dtype: str = "bfloat16") -> Path:
+    """A real decoder_meta.json (and hf/ + trtllm_ckpt/) of the fixture, without an engine."""
+    from engine.checkpoint import resolve
+    from engine.export.trtllm import export_decoder
+
+    export_decoder(resolve(TINY.root / "model", TINY.root / "llm"), out, dtype, max_batch_size=8,
+                   max_audio_seconds=8.0, max_new_tokens=TINY.max_new_tokens, skip_engine=True)
+    return out
+
+
 def test_configs_parse_as_triton_model_configs(tmp_path):
     pb = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason=SEPARATE_VENV)
     from google.protobuf import text_format
 
-    names = write_repository(tmp_path, _engine_args(), engine_dir=tmp_path / "decoder", max_batch_size=8,
-                             kv_cache_reuse=True)
+    names = write_repository(tmp_path, _engine_args(), engine_dir=decoder_build(tmp_path / "decoder"))
     assert names == ["canary_qwen", "ensemble", "multimodal_encoders", "postprocessing", "preprocessing",
                      "tensorrt_llm"]
     configs = {n: text_format.Parse((tmp_path / n / "config.pbtxt").read_text(), pb.ModelConfig()) for n in names}
@@ -62,7 +71,11 @@ def test_configs_parse_as_triton_model_configs(tmp_path):
     assert configs["tensorrt_llm"].model_transaction_policy.decoupled
     trt = configs["tensorrt_llm"]
     assert trt.parameters["gpt_model_path"].string_value == str((tmp_path / "decoder" / "engine").resolve())
-    assert trt.parameters["enable_kv_cache_reuse"].string_value == "true"
+    assert trt.parameters["enable_kv_cache_reuse"].string_value == "true"  # bf16: built with paged context FMHA
+    assert trt.parameters["cuda_graph_cache_size"].string_value == "8"
+    table = pb.DataType.Value("TYPE_BF16")  # the build's dtype, at both ends of the edge
+    assert {t.name: t.data_type for t in trt.input}["prompt_embedding_table"] == table
+    assert {t.name: t.data_type for t in configs["multimodal_encoders"].output}["OUT_PROMPT_EMBEDDING_TABLE"] == table
     # Every tensor the ensemble maps exists, with the same type, at both ends of each edge.
     types = {(n, t.name): t.data_type for n, c in configs.items() for t in list(c.input) + list(c.output)}
     ens = configs["ensemble"]
@@ -104,10 +117,11 @@ def test_preprocessing_fake_ids_reproduce_the_spliced_prompt(tiny_model):
         assert frames == table.shape[0] == int((ids >= vocab).sum())
         assert out["REQUEST_INPUT_LEN"][0] == len(ids)
         embeds = model.embed_tokens(ids.clamp(max=vocab - 1))
-        embeds[ids >= vocab] = torch.from_numpy(table.astype(np.float32))[ids[ids >= vocab] - vocab]
+        assert table.dtype == model.dtype  # the engine's dtype (float32 here), not a fixed fp16
+        embeds[ids >= vocab] = table[ids[ids >= vocab] - vocab]
         emb = model.perception(torch.from_numpy(out["AUDIO_SAMPLES"])[None], torch.tensor([len(out["AUDIO_SAMPLES"])]))[-1][0]
         ref, _ = model.splice([tok.prompt_ids()], tok.audio_id, [emb])
-        assert torch.allclose(embeds, ref[0], atol=1e-3)  # the table is fp16
+        assert torch.allclose(embeds, ref[0], atol=1e-5)
         extra = out["OUT_PROMPT_TABLE_EXTRA_IDS"]
         assert len(extra) == len(ids) and set(extra[(ids < vocab).numpy()]) == {0}
         keys.add(int(extra[(ids >= vocab).numpy()][0]))
@@ -142,8 +156,8 @@ def tritonserver(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("triton")
     repo = work / "models"
-    write_repository(repo, _engine_args(), engine_dir=work / "decoder", max_batch_size=8)
-    for name in ("tensorrt_llm", "ensemble", "multimodal_encoders"):  # TensorRT-LLM and make_encoder: not here
+    write_repository(repo, _engine_args(), engine_dir=decoder_build(work / "decoder"))
+    for name in ("tensorrt_llm", "ensemble"):  # TensorRT-LLM: not here
         shutil.rmtree(repo / name)
     # canary_qwen again, on the torch decoder (no TensorRT-LLM engine here) and the fixture engine
     write_repository(repo, _engine_args(), engine_factory="serving_helpers:engine_factory")
@@ -331,6 +345,23 @@ def test_ensemble_python_models_in_tritonserver(tritonserver):
     lengths.set_data_from_numpy(np.array([[len(ids)]], np.int32))
     text = tritonserver["http"].infer("postprocessing", [tokens, lengths]).as_numpy("TEXT")
     assert text[0, 0].decode() == TINY.meta["per_utterance"]["a3_fox"]["single"]["text"]
+
+
+def test_multimodal_encoders_sends_a_bf16_table_through_dlpack(tritonserver):
+    """The encoder model, loaded by tritonserver, emits the engine's bf16 table (the dtype TensorRT-LLM checks)
+    with NeMo's embedding values, through DLPack (numpy has no bfloat16)."""
+    import tritonclient.http as httpclient
+
+    wave = TINY.audio("a3_fox").numpy()
+    inp = httpclient.InferInput("AUDIO_SAMPLES", [1, len(wave)], "FP32")
+    inp.set_data_from_numpy(wave[None])
+    got = tritonserver["http"].infer("multimodal_encoders", [inp])
+    out = got.get_output("OUT_PROMPT_EMBEDDING_TABLE")
+    assert out["datatype"] == "BF16"
+    table = got.as_numpy("OUT_PROMPT_EMBEDDING_TABLE")[0].astype(np.float32)
+    want = TINY.tensors["single.a3_fox.proj"][0]
+    assert got.as_numpy("OUT_PROMPT_VOCAB_SIZE")[0, 0] == table.shape[0] == want.shape[0]
+    assert ((torch.from_numpy(table) - want).abs().max() / want.abs().max()).item() < 2e-2  # bf16 vs fp32
 
 
 def test_triton_repo_cli_writes_canary_qwen(tmp_path, capsys):

@@ -10,7 +10,9 @@ audio's content (0 on text tokens, as that example does).
 The pure parts (ids, tables, extra ids, request and executor settings, end-of-sequence handling) are plain
 functions tested on CPU; ``TrtllmDecoder`` only moves them in and out of ``tensorrt_llm.bindings.executor``
 (names and signatures from TensorRT-LLM 1.2's nanobind bindings, cpp/tensorrt_llm/nanobind/executor/
-request.cpp, executorConfig.cpp, executor.cpp), imported when a decoder is created.
+request.cpp, executorConfig.cpp, executor.cpp), imported when a decoder is created. Needs
+1.0 <= tensorrt_llm < 1.3 (engine/export/trtllm.py: ``trtllm_version_problem``); other versions are refused
+with a message pointing to the torch decoder.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from engine.export.trtllm import DTYPES, ENGINE_DIR, DecoderBuildError, check_engine, read_metadata
+from engine.export.trtllm import (DTYPES, ENGINE_DIR, TORCH_DECODER_HINT, DecoderBuildError, check_engine,
+                                  missing_pieces, read_metadata, require_trtllm)
 
 from .base import DecodeRequest
 
@@ -110,6 +113,32 @@ def executor_config_kwargs(info: EngineInfo, kv_cache_reuse: bool, free_gpu_memo
     }
 
 
+# The executor bindings this decoder uses: probed, as a version range cannot promise every name.
+EXECUTOR_API = ["Executor", "ExecutorConfig", "KvCacheConfig", "SchedulerConfig", "BatchingType", "ModelType",
+                "ExtendedRuntimePerfKnobConfig", "Request", "SamplingConfig", "OutputConfig", "PromptTuningConfig",
+                "FinishReason"]
+
+
+def finish_verdict(reason: str) -> tuple[str | None, str | None]:
+    """A final result's ``FinishReason`` name -> (finish reason for ``finished``, error for ``failed``).
+    END_ID and STOP_WORDS end a request as the model chose ("stop"), LENGTH at max_tokens ("length");
+    TIMED_OUT and CANCELLED were not asked for by the runtime (a released request is never read), so they fail
+    it; NOT_FINISHED on a final result would be a runtime bug."""
+    if reason in ("END_ID", "STOP_WORDS"):
+        return "stop", None
+    if reason == "LENGTH":
+        return "length", None
+    return None, f"TensorRT-LLM ended the request with finish reason {reason}"
+
+
+def stream_ordered(table: torch.Tensor) -> torch.Tensor:
+    """The executor reads the prompt table on its own stream: wait until the kernels that made it (encoder,
+    cast, on torch's current stream) are done, so it never reads an unfinished table."""
+    if table.is_cuda:
+        torch.cuda.current_stream(table.device).synchronize()
+    return table
+
+
 def new_tokens(tokens: list[int], ended_by_eos: bool, last: int | None, eos_id: int) -> list[int]:
     """The torch decoder reports the eos it produced; make a final TensorRT-LLM response do the same
     whether or not the runtime lists the end id among the output tokens."""
@@ -145,11 +174,19 @@ class TrtllmDecoder:
         engine_dir = build_dir / ENGINE_DIR
         if meta.get("engine") is None or not (engine_dir / "config.json").is_file():
             raise DecoderBuildError(f"{build_dir}: no engine (built with --skip-engine or without tensorrt_llm)")
+        try:
+            version = importlib.metadata.version("tensorrt_llm")
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        require_trtllm(version)  # before the import: 1.3 has no tensorrt_llm.bindings.executor
         from tensorrt_llm.bindings import executor as tllm  # needs the CUDA driver: import only here
 
+        if missing := missing_pieces(tllm, EXECUTOR_API):
+            raise DecoderBuildError(f"tensorrt_llm {version}: tensorrt_llm.bindings.executor lacks {missing}; "
+                                    f"{TORCH_DECODER_HINT}")
         cc = list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
-        check_engine(meta, json.loads((engine_dir / "config.json").read_text()),
-                     importlib.metadata.version("tensorrt_llm"), cc, expected_weights_sha256)
+        check_engine(meta, json.loads((engine_dir / "config.json").read_text()), version, cc,
+                     expected_weights_sha256)
         self.info = EngineInfo.from_meta(meta)
         self.kv_cache_reuse, self.poll_ms = kv_cache_reuse, poll_ms
         kw = executor_config_kwargs(self.info, kv_cache_reuse, free_gpu_memory_fraction, cuda_graphs,
@@ -160,6 +197,7 @@ class TrtllmDecoder:
         self._executor_id: dict[int, int] = {}  # request id -> executor id, until released
         self._last: dict[int, int | None] = {}  # request id -> last token reported
         self.failed: dict[int, str] = {}  # request id -> error message of the runtime
+        self.finished: dict[int, str] = {}  # request id -> "stop" | "length", set with its last tokens
 
     @property
     def active(self) -> int:
@@ -170,7 +208,7 @@ class TrtllmDecoder:
             raise ValueError(f"request {req.request_id} is already admitted")
         kw = request_kwargs(req, self.info, self.kv_cache_reuse)
         t = self._tllm
-        ptuning = t.PromptTuningConfig(kw.pop("embedding_table"), kw.pop("input_token_extra_ids"))
+        ptuning = t.PromptTuningConfig(stream_ordered(kw.pop("embedding_table")), kw.pop("input_token_extra_ids"))
         request = t.Request(**kw, sampling_config=t.SamplingConfig(beam_width=1, top_k=1),  # greedy
                             output_config=t.OutputConfig(exclude_input_from_output=True),
                             prompt_tuning_config=ptuning)
@@ -192,18 +230,26 @@ class TrtllmDecoder:
                 del self._by_executor_id[r.request_id]
                 continue
             res = r.result
+            verdict, error = finish_verdict(res.finish_reasons[0].name) if res.is_final else (None, None)
+            if error is not None:
+                log.error("request %d: %s", rid, error)
+                self.failed[rid] = error
+                del self._by_executor_id[r.request_id]
+                continue
             ended_by_eos = res.is_final and res.finish_reasons[0] == self._tllm.FinishReason.END_ID
             toks = new_tokens(list(res.output_token_ids[0]), ended_by_eos, self._last[rid], self.info.eos_id)
             if toks:
                 out.setdefault(rid, []).extend(toks)
                 self._last[rid] = toks[-1]
             if res.is_final:
+                self.finished[rid] = verdict  # in the step that delivers the last tokens
                 del self._by_executor_id[r.request_id]
         return out
 
     def release(self, request_id: int) -> None:
         eid = self._executor_id.pop(request_id, None)
         self._last.pop(request_id, None)
+        self.finished.pop(request_id, None)
         if eid is not None and self._by_executor_id.pop(eid, None) is not None:
             self._executor.cancel_request(eid)  # still running: stop it and free its KV blocks
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from ..export.artifacts import (ENCODER_ONNX, FRONTEND_ONNX, ONNX_METADATA, ArtifactError, check_checkpoint,
-                                read_metadata)
-from .encoder import BatchedEncoder
+                                check_model_config, read_metadata)
+from ..config import EncoderConfig, FrontendConfig
+from .encoder_base import BatchedEncoder
 
 
 def session_options(threads: int = 0):
@@ -43,8 +44,9 @@ def providers_for(provider: str, device: torch.device) -> list:
 class OnnxEncoder(BatchedEncoder):
     name = "onnx"
 
-    def __init__(self, artifacts: Path, weights: Path, device: torch.device, dtype: torch.dtype,
-                 max_batch: int = 16, provider: str | None = None, threads: int = 0):
+    def __init__(self, artifacts: Path, weights: Path, frontend: FrontendConfig, encoder: EncoderConfig,
+                 device: torch.device, dtype: torch.dtype, max_batch: int = 64, provider: str | None = None,
+                 threads: int = 0):
         """``provider``: cpu | cuda (default: cuda when ``device`` is a CUDA device)."""
         import onnxruntime as ort
 
@@ -54,9 +56,10 @@ class OnnxEncoder(BatchedEncoder):
         for name in (FRONTEND_ONNX, ENCODER_ONNX):
             if not (artifacts / name).is_file():
                 raise ArtifactError(f"{artifacts / name} is missing")
-        shapes, model = meta["shapes"], meta["model"]
-        super().__init__(max_batch, device, dtype, model["sample_rate"], min_length=model["hop_length"],
-                         min_width=shapes["min_width"], max_samples=shapes["max_samples"])
+        check_model_config(meta, frontend, encoder, artifacts / ONNX_METADATA)
+        shapes = meta["shapes"]
+        super().__init__(max_batch, device, dtype, frontend, encoder, min_width=shapes["min_width"],
+                         max_samples=shapes["max_samples"])
         self.precision = meta["precision"]
         provider = provider or ("cuda" if device.type == "cuda" else "cpu")
         opts, providers = session_options(threads), providers_for(provider, device)

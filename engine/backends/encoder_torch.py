@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..model import Perception
-from .encoder import BatchedEncoder
+from .encoder_base import BatchedEncoder
 
 
 class TorchEncoder(BatchedEncoder):
@@ -13,12 +13,13 @@ class TorchEncoder(BatchedEncoder):
 
     name = "torch"
 
-    def __init__(self, perception: Perception, max_batch: int = 16):
-        fe, w = perception.preprocessor.cfg, perception.proj.weight
-        super().__init__(max_batch, w.device, w.dtype, fe.sample_rate, min_length=fe.hop_length)
+    def __init__(self, perception: Perception, max_batch: int = 64):
+        w = perception.proj.weight
+        super().__init__(max_batch, w.device, w.dtype, perception.preprocessor.cfg, perception.encoder.cfg)
         self.perception = perception
 
     @torch.inference_mode()
     def _run(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        *_, emb_lens, emb = self.perception(audio.to(self.device), lengths.to(self.device))
+        dev = self.device  # non_blocking: the batch is pinned on a GPU machine
+        *_, emb_lens, emb = self.perception(audio.to(dev, non_blocking=True), lengths.to(dev, non_blocking=True))
         return emb, emb_lens

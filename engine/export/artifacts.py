@@ -79,3 +79,13 @@ def check_tensorrt(meta: dict, source: Path, trt_version: str, gpu_name: str, ca
     if problems:
         raise ArtifactError(f"{source}: " + "; ".join(problems) + ": rebuild the plans on this machine "
                             "(build/build_encoder_engine.py)")
+
+
+def check_model_config(meta: dict, frontend, encoder, source: Path) -> None:
+    """The runtime computes embedding lengths from its own configs (``FrontendConfig``, ``EncoderConfig``):
+    refuse artifacts whose recorded frontend/subsampling settings differ from them."""
+    want = {"sample_rate": frontend.sample_rate, "hop_length": frontend.hop_length, "n_mels": frontend.n_mels,
+            "subsampling_factor": encoder.subsampling_factor}
+    have = {k: meta.get("model", {}).get(k) for k in want}
+    if have != want:
+        raise ArtifactError(f"{source}: exported with {have}, the model has {want}: re-export the encoder")

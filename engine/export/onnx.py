@@ -3,10 +3,11 @@
 - ``frontend.onnx``: audio float32 [B, N] + audio_lengths int64 [B] -> audio_features float32 [B, n_mels, T]
   + feature_lengths int64 [B]. Always float32; the STFT is a convolution (``ConvMelFrontend``), so the graph
   has only operators the TensorRT ONNX parser supports.
-- ``encoder.onnx``: audio_features + feature_lengths -> audio_embeddings float32 [B, T_enc, llm_hidden]
+- ``encoder.onnx``: audio_features float32 + feature_lengths -> audio_embeddings [B, T_enc, llm_hidden]
   (FastConformer + projection) + embedding_lengths int64 [B]. Computed in fp32, fp16 or bf16; the low
-  precision graphs keep LayerNorm and the attention scores + softmax in fp32 and cast at the edges, so
-  inputs and outputs are float32 whatever the precision.
+  precision graphs keep LayerNorm and the attention scores + softmax in fp32. The embeddings come out in
+  the graph's precision (bf16 for a bf16 graph, which is the LLM's dtype: half the bytes of fp32, and the
+  same values, as the projection computes them in that precision anyway).
 
 Batch and time are dynamic up to the maximum duration (the relative-position table is a constant sized for
 it and sliced in the graph, as NeMo's export does). Every padding mask stays in the graph, so a padded
@@ -29,7 +30,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..checkpoint import ModelFiles, file_sha256, load_strict, module_name
-from ..config import EncoderConfig, FrontendConfig, ModelConfig
+from ..config import ConfigError, EncoderConfig, FrontendConfig, read_json
 from ..encoder import ConvModule, RelPositionAttention, relative_positions, subsampled_lengths
 from ..frontend import ConvMelFrontend
 from ..model import Perception
@@ -77,15 +78,60 @@ def export_shapes(fe: FrontendConfig, enc: EncoderConfig, max_duration: float) -
     )
 
 
-def load_perception(files: ModelFiles) -> Perception:
-    """Frontend + encoder + projection alone, float32 on the CPU (the LLM's weights are not read)."""
-    cfg = ModelConfig.from_files(files.model_dir / "config.json", files.llm_config)
+@dataclass(frozen=True)
+class _Width:
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class PerceptionConfig:
+    """What ``Perception`` reads of a ``ModelConfig`` (frontend, encoder, projection width), from the model
+    folder alone: the base LLM's config is not needed to export or run the audio side."""
+
+    frontend: FrontendConfig
+    encoder: EncoderConfig
+    llm: _Width  # only .hidden_size: the projection's output size, read from its weight
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path) -> "PerceptionConfig":
+        path = Path(model_dir) / "config.json"
+        perception = read_json(path).get("perception")
+        if not isinstance(perception, dict) or "preprocessor" not in perception or "encoder" not in perception:
+            raise ConfigError(f"{path}: no perception.preprocessor / perception.encoder section")
+        weights = Path(model_dir) / "model.safetensors"
+        with safe_open(str(weights), framework="pt") as f:
+            key = next((k for k in f.keys() if module_name(k) == "perception.proj.weight"), None)
+            if key is None:
+                raise ConfigError(f"{weights}: no perception.proj.weight")
+            out_features = f.get_slice(key).get_shape()[0]  # [llm_hidden, d_model]
+        return cls(FrontendConfig.from_nemo(perception["preprocessor"], str(path)),
+                   EncoderConfig.from_nemo(perception["encoder"], str(path)), _Width(int(out_features)))
+
+
+def _model_dir(files: ModelFiles | str | Path) -> Path:
+    return files.model_dir if isinstance(files, ModelFiles) else Path(files)
+
+
+def perception_skeleton(files: ModelFiles | str | Path) -> Perception:
+    """The perception module on the meta device: its configs without reading a weight (what the ONNX and
+    TensorRT encoder backends need of it)."""
+    with torch.device("meta"):
+        return Perception(PerceptionConfig.from_model_dir(_model_dir(files)))
+
+
+def load_perception(files: ModelFiles | str | Path) -> Perception:
+    """Frontend + encoder + projection alone, float32 on the CPU, from the model folder (or ``ModelFiles``):
+    neither the LLM's weights nor its config are read."""
+    model_dir = _model_dir(files)
+    cfg = PerceptionConfig.from_model_dir(model_dir)
+    weights = model_dir / "model.safetensors"
     prefix = "perception."
-    with safe_open(str(files.weights), framework="pt") as f:
-        tensors = {module_name(k)[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    with safe_open(str(weights), framework="pt") as f:
+        tensors = {module_name(k)[len(prefix):]: f.get_tensor(k) for k in f.keys()
+                   if module_name(k).startswith(prefix)}
     with torch.device("meta"):
         perception = Perception(cfg)
-    load_strict(perception, tensors, str(files.weights), torch.float32)
+    load_strict(perception, tensors, str(weights), torch.float32)
     return perception.eval()
 
 
@@ -117,7 +163,8 @@ def fold_batch_norm(conv: nn.Conv1d, bn: nn.BatchNorm1d) -> nn.Conv1d:
 
 
 class EncoderGraph(nn.Module):
-    """What encoder.onnx computes: the model's encoder + projection in ``dtype``, float32 in and out."""
+    """What encoder.onnx computes: the model's encoder + projection in ``dtype``, float32 features in,
+    embeddings out in ``dtype``."""
 
     def __init__(self, perception: Perception, max_enc_frames: int, dtype: torch.dtype):
         super().__init__()
@@ -142,7 +189,7 @@ class EncoderGraph(nn.Module):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, lengths = self.encoder(features.to(self.dtype), lengths, self.pos_table)  # [B, T_enc, d_model]
-        return self.proj(x).float(), lengths  # [B, T_enc, llm_hidden]
+        return self.proj(x), lengths  # [B, T_enc, llm_hidden] in self.dtype
 
 
 def _tool_versions() -> dict[str, str]:

@@ -9,7 +9,8 @@ Layout of a build folder (``build/build_decoder.py --output DIR``)::
 
 Names, config fields and build options were read from TensorRT-LLM 1.2 sources (the last line with the
 engine backend: Qwen3 in qwen/, nanobind executor bindings, pydantic PluginConfig, --kv_cache_type); each
-use cites its file. TensorRT-LLM itself is never imported here: the engine is built by the ``trtllm-build``
+use cites its file. Supported: 1.0 <= tensorrt_llm < 1.3 (``trtllm_version_problem``): Qwen3 on the engine
+backend needs 1.0 (PR #5650), and 1.3 removed trtllm-build and the Executor. TensorRT-LLM itself is never imported here: the engine is built by the ``trtllm-build``
 command in a subprocess, only when the package is installed.
 """
 
@@ -20,6 +21,7 @@ import importlib.util
 import json
 import logging
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -124,6 +126,19 @@ def write_trtllm_checkpoint(out: Path, hf: dict[str, torch.Tensor], llm: LLMConf
     save_file(trtllm_weights(hf, llm), str(out / "rank0.safetensors"))
 
 
+# TensorRT-LLM's Attention layer builds the q/k RMSNorms that qwen_type "qwen3" turns on with its own eps
+# argument, which QWenDecoderLayer does not pass (PR #5650), so they use its default 1e-5; the checkpoint's
+# norm_epsilon only reaches the layer norms. Nothing in the checkpoint can change this.
+TRTLLM_QK_NORM_EPS = 1e-5
+
+
+def known_differences(llm: LLMConfig) -> dict:
+    """How the engine's math differs from the model's, for decoder_meta.json and the parity tolerance."""
+    return {"qk_norm_eps": {"engine": TRTLLM_QK_NORM_EPS, "model": llm.rms_norm_eps,
+                            "why": "TensorRT-LLM's Attention q/k RMSNorm uses its default eps (1e-5); Qwen3 uses "
+                                   "rms_norm_eps; the TensorRT-LLM checkpoint has no field for it"}}
+
+
 # ---- engine sizes and build command ------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -197,6 +212,41 @@ def build_command(ckpt_dir: Path, engine_dir: Path, sizes: DecoderSizes, dtype: 
 def trtllm_available() -> bool:
     """Installed (a cheap check: importing tensorrt_llm needs the CUDA driver library)."""
     return importlib.util.find_spec("tensorrt_llm") is not None
+
+
+# TensorRT-LLM lines this engine path supports: Qwen3 on the engine-building (TensorRT) backend arrived with
+# PR #5650 (merged July 2025, first released in 1.0); the 1.3 line removed trtllm-build, the Executor API and
+# the C++ Triton backend that this path (and the Triton ensemble) use.
+TRTLLM_MIN, TRTLLM_BELOW = (1, 0), (1, 3)
+TORCH_DECODER_HINT = ("use the torch decoder instead (the default: --decoder torch / Engine(decoder='torch')), "
+                      "or install tensorrt_llm>=1.0,<1.3 for the engine decoder")
+
+
+def trtllm_version_problem(version: str | None) -> str | None:
+    """Why an installed TensorRT-LLM cannot serve this engine path (None when 1.0 <= version < 1.3)."""
+    if version is None:
+        return f"tensorrt_llm is not installed: {TORCH_DECODER_HINT}"
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None:
+        return f"tensorrt_llm {version}: unrecognised version; {TORCH_DECODER_HINT}"
+    v = (int(m.group(1)), int(m.group(2)))
+    if v < TRTLLM_MIN:
+        return (f"tensorrt_llm {version} predates Qwen3 on the engine backend (PR #5650, in 1.0): "
+                f"{TORCH_DECODER_HINT}")
+    if v >= TRTLLM_BELOW:
+        return (f"tensorrt_llm {version} has no trtllm-build, Executor API or C++ Triton backend (removed in "
+                f"1.3): {TORCH_DECODER_HINT}")
+    return None
+
+
+def require_trtllm(version: str | None) -> None:
+    if problem := trtllm_version_problem(version):
+        raise DecoderBuildError(problem)
+
+
+def missing_pieces(module, names: list[str]) -> list[str]:
+    """Which of ``names`` a module lacks (a probe for the API a version gate cannot promise)."""
+    return [n for n in names if not hasattr(module, n)]
 
 
 def _version(dist: str) -> str | None:
@@ -297,6 +347,7 @@ def export_decoder(files: ModelFiles, output: Path, dtype: str = "bfloat16", max
         "tokens": {"audio_id": tok.audio_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id, "prompt_ids": prompt},
         "sizes": asdict(sizes),
         "features": engine_features(dtype),
+        "known_differences": known_differences(cfg.llm),
         "tools": tool_versions(),
         "trtllm_build": command,
         "engine": None,
@@ -304,9 +355,13 @@ def export_decoder(files: ModelFiles, output: Path, dtype: str = "bfloat16", max
     if skip_engine:
         log.info("--skip-engine: engine not built; command: %s", " ".join(command))
     elif not trtllm_available():
-        log.warning("tensorrt_llm is not installed: engine not built. On a machine with it, run:\n  %s",
-                    " ".join(command))
+        log.warning("tensorrt_llm is not installed: engine not built. On a machine with tensorrt_llm>=1.0,<1.3, "
+                    "run:\n  %s", " ".join(command))
     else:
+        require_trtllm(_version("tensorrt_llm"))
+        if not (shutil.which("trtllm-build") or importlib.util.find_spec("tensorrt_llm.commands.build")):
+            raise DecoderBuildError(f"tensorrt_llm {_version('tensorrt_llm')} has no trtllm-build: "
+                                    f"{TORCH_DECODER_HINT}")
         meta["engine"] = build_engine(command)
         meta["tools"] = tool_versions()
         engine_config = json.loads((output / ENGINE_DIR / "config.json").read_text())

@@ -62,15 +62,32 @@ class Preprocessor:
 
 
 class AudioEncoder:
-    """16 kHz samples -> the prompt-embedding table [T_enc, hidden] (fp16: the Python backend has no bf16, and
-    the tensorrt_llm backend casts the table to the engine's dtype) and its row count."""
+    """16 kHz samples -> the prompt-embedding table [T_enc, hidden] and its row count. The table is in the
+    encoder's output dtype, which must be the engine's: the tensorrt_llm backend passes it through unchanged
+    and TensorRT-LLM refuses a table of another dtype. On the host (a few MB): the Python model sends it
+    through DLPack, the only way its bf16 can travel."""
 
     def __init__(self, encoder):
         self.encoder = encoder  # an engine.backends EncoderBackend
 
-    def __call__(self, samples: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+    def __call__(self, samples: list[np.ndarray]) -> list[tuple[torch.Tensor, int]]:
         tables = self.encoder.encode([np.asarray(s, np.float32) for s in samples])
-        return [(t.float().cpu().numpy().astype(np.float16), int(t.shape[0])) for t in tables]
+        return [(t.detach().cpu().contiguous(), int(t.shape[0])) for t in tables]
+
+
+def open_audio_encoder(kind: str, model: str, artifacts: str | None, device: str | None, dtype: str) -> AudioEncoder:
+    """The encoder of the multimodal_encoders model: the perception module alone (no LLM on this GPU), its
+    weights loaded only for the torch backend (ONNX / TensorRT need its configs alone)."""
+    from engine.backends.encoder import open_encoder
+    from engine.checkpoint import resolve_model_dir
+    from engine.export.onnx import load_perception, perception_skeleton
+
+    from ..common import pick_device, pick_dtype
+
+    dev, dt = pick_device(device), pick_dtype(dtype, pick_device(device))
+    model_dir = resolve_model_dir(model)
+    perception = load_perception(model_dir).to(dev, dt) if kind == "torch" else perception_skeleton(model_dir)
+    return AudioEncoder(open_encoder(kind, perception, model_dir / "model.safetensors", artifacts, dev, dt))
 
 
 def detokenize(tokenizer: Tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:

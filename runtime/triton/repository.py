@@ -9,6 +9,12 @@ model follow tensorrtllm_backend's all_models/inflight_batcher_llm/tensorrt_llm/
 multimodal ensemble in all_models/multimodal.
 
 Triton reads each ``config.pbtxt`` (protobuf text format of ModelConfig, model_config.proto).
+
+The ensemble needs the tensorrtllm backend of TensorRT-LLM 1.0-1.2 (the C++ backend is gone from 1.3), and
+its ``tensorrt_llm`` model is decoupled (streamed responses), so the ensemble answers over a gRPC stream
+only: HTTP ``/infer`` and unary gRPC calls fail. The prompt table travels in the engine's dtype (read from
+decoder_meta.json): the backend passes it through unchanged, and TensorRT-LLM refuses a table whose dtype
+differs from the model's (PromptTuningBuffers::validate).
 """
 
 from __future__ import annotations
@@ -43,18 +49,32 @@ def _parameters(params: dict) -> str:
                    for k, v in params.items())
 
 
+def instance_group(count: int = 1, gpus: list[int] | None = None) -> str:
+    """``count`` instances on each GPU of ``gpus`` (KIND_GPU), or ``count`` instances of kind KIND_CPU without
+    ``gpus``. Each Python-backend instance is a process of its own holding its own Engine; a KIND_GPU one
+    builds it on its GPU (models/canary_qwen.py), a KIND_CPU one on the configured device."""
+    if count < 1:
+        raise ValueError(f"instances per device must be >= 1, got {count}")
+    if gpus:
+        if len(set(gpus)) != len(gpus) or min(gpus) < 0:
+            raise ValueError(f"--gpus must list distinct GPU indices >= 0, got {gpus}")
+        return f"instance_group [ {{ count: {count} kind: KIND_GPU gpus: [ {', '.join(map(str, gpus))} ] }} ]\n"
+    return f"instance_group [ {{ count: {count} kind: KIND_CPU }} ]\n"
+
+
 def _python_model(name: str, max_batch_size: int, inputs: list, outputs: list, params: dict,
-                  decoupled: bool = False) -> str:
-    # KIND_CPU: one Python process per instance; the model itself places its work on the GPU it is told.
+                  decoupled: bool = False, instances: str | None = None) -> str:
+    # Default KIND_CPU: one Python process; the model itself places its work on the GPU it is told.
     text = f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch_size}\n'
     if decoupled:
         text += "model_transaction_policy { decoupled: true }\n"
     return (text + _tensors("input", inputs) + _tensors("output", outputs)
-            + "instance_group [ { count: 1 kind: KIND_CPU } ]\n" + _parameters(params))
+            + (instances or instance_group()) + _parameters(params))
 
 
-def canary_qwen_config(engine: dict, engine_factory: str | None = None) -> str:
-    """The decoupled Python model; ``engine``: Engine.from_pretrained keywords (runtime.options.engine_kwargs)."""
+def canary_qwen_config(engine: dict, engine_factory: str | None = None, instances: str | None = None) -> str:
+    """The decoupled Python model; ``engine``: Engine.from_pretrained keywords (runtime.options.engine_kwargs);
+    ``instances``: its ``instance_group`` (default: one KIND_CPU instance)."""
     inputs = [("AUDIO", "TYPE_STRING", [1], "optional: true"), ("SAMPLES", "TYPE_FP32", [-1], "optional: true"),
               ("SAMPLE_RATE", "TYPE_INT32", [1], "optional: true"),
               ("MAX_NEW_TOKENS", "TYPE_INT32", [1], "optional: true"), ("STREAM", "TYPE_BOOL", [1], "optional: true")]
@@ -63,13 +83,38 @@ def canary_qwen_config(engine: dict, engine_factory: str | None = None) -> str:
     if engine_factory:
         params["engine_factory"] = engine_factory
     # max_batch_size 0: requests go to the engine one by one and it batches them itself, step by step.
-    return _python_model("canary_qwen", 0, inputs, outputs, params, decoupled=True)
+    return _python_model("canary_qwen", 0, inputs, outputs, params, decoupled=True, instances=instances)
 
 
-def ensemble_configs(engine: dict, gpt_model_path: str, max_batch_size: int, kv_cache_reuse: bool) -> dict[str, str]:
-    """config.pbtxt of the five ensemble models, by model name."""
+# decoder_meta.json dtype -> Triton data type of the prompt table (and the torch dtype it is made in).
+TABLE_TYPES = {"bfloat16": "TYPE_BF16", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# Share of the GPU memory free when the tensorrt_llm model loads that its KV cache may take at most; the
+# token cap (kv_cache_plan) normally binds first. Triton loads models in any order, so the rest must hold
+# multimodal_encoders (perception weights ~1.7 GB in bf16 plus one clip's activations) if it loads later.
+KV_FRACTION = 0.5
+
+
+def kv_cache_plan(meta: dict) -> dict:
+    """The tensorrt_llm KV cache, sized from decoder_meta.json: tokens for every request of a full batch at
+    max_seq_len (more are never in use at once), and what they cost. Bytes per token: layers x kv_heads x
+    head_dim x 2 (k and v) x dtype bytes; Qwen3-1.7B in bf16: 28 x 8 x 128 x 2 x 2 = 114,688 B (112 KiB), so
+    a 32 x 835-token build needs 26,720 tokens = 3.1 GB. TensorRT-LLM uses the smaller of this cap and
+    ``KV_FRACTION`` of the free memory."""
+    llm, sizes = meta["llm"], meta["sizes"]
+    per_token = llm["num_layers"] * llm["num_kv_heads"] * llm["head_dim"] * 2 * DTYPE_BYTES[meta["dtype"]]
+    tokens = sizes["max_batch_size"] * sizes["max_seq_len"]
+    return {"max_tokens": tokens, "bytes_per_token": per_token, "bytes": tokens * per_token}
+
+
+def ensemble_configs(engine: dict, decoder_meta: dict, gpt_model_path: str) -> dict[str, str]:
+    """config.pbtxt of the five ensemble models, by model name (``decoder_meta``: the build's
+    decoder_meta.json, which sizes the batch, the prompt table's dtype and the KV cache)."""
     model = {"model": engine["model"], "llm": engine["llm"] or ""}
-    b = max_batch_size
+    b = decoder_meta["sizes"]["max_batch_size"]
+    table = TABLE_TYPES[decoder_meta["dtype"]]
+    encoder = {k: engine[k] for k in ("model", "device", "encoder", "artifacts")}
+    encoder["dtype"] = decoder_meta["dtype"]  # the table's: the engine's own dtype
     configs = {
         "preprocessing": _python_model(
             "preprocessing", b,
@@ -81,36 +126,48 @@ def ensemble_configs(engine: dict, gpt_model_path: str, max_batch_size: int, kv_
             {**model, "max_new_tokens": str(engine["max_new_tokens"])}),
         "multimodal_encoders": _python_model(
             "multimodal_encoders", b, [("AUDIO_SAMPLES", "TYPE_FP32", [-1])],
-            # fp16: the Python backend has no bf16; the tensorrt_llm backend casts the table to the engine's dtype
-            [("OUT_PROMPT_EMBEDDING_TABLE", "TYPE_FP16", [-1, -1]), ("OUT_PROMPT_VOCAB_SIZE", "TYPE_INT32", [1])],
-            {"encoder": json.dumps({k: engine[k] for k in ("model", "llm", "device", "dtype", "encoder", "artifacts")})}),
+            # The engine's dtype: sent through DLPack (the Python backend has bf16 only that way, not in numpy).
+            [("OUT_PROMPT_EMBEDDING_TABLE", table, [-1, -1]), ("OUT_PROMPT_VOCAB_SIZE", "TYPE_INT32", [1])],
+            {"encoder": json.dumps(encoder)}),
         "postprocessing": _python_model(
             "postprocessing", b, [("TOKENS_BATCH", "TYPE_INT32", [-1, -1]), ("SEQUENCE_LENGTH", "TYPE_INT32", [-1])],
             [("TEXT", "TYPE_STRING", [-1])], model),
-        "tensorrt_llm": tensorrt_llm_config(gpt_model_path, b, kv_cache_reuse, engine["cuda_graphs"]),
+        "tensorrt_llm": tensorrt_llm_config(gpt_model_path, b, decoder_meta["features"]["kv_cache_reuse"],
+                                            engine["cuda_graphs"], table, kv_cache_plan(decoder_meta)),
     }
     configs[ENSEMBLE] = ensemble_config(b)
     return configs
 
 
-def tensorrt_llm_config(gpt_model_path: str, max_batch_size: int, kv_cache_reuse: bool, cuda_graphs: bool) -> str:
+def tensorrt_llm_config(gpt_model_path: str, max_batch_size: int, kv_cache_reuse: bool, cuda_graphs: bool,
+                        table_type: str, kv: dict) -> str:
     scalar = 'reshape: { shape: [ ] }'
     inputs = [("input_ids", "TYPE_INT32", [-1], "allow_ragged_batch: true"),
               ("input_lengths", "TYPE_INT32", [1], scalar), ("request_output_len", "TYPE_INT32", [1]),
               ("end_id", "TYPE_INT32", [1], scalar, "optional: true"),
               ("pad_id", "TYPE_INT32", [1], scalar, "optional: true"),
               ("streaming", "TYPE_BOOL", [1], "optional: true"),
-              ("prompt_embedding_table", "TYPE_FP16", [-1, -1], "optional: true", "allow_ragged_batch: true"),
+              ("prompt_embedding_table", table_type, [-1, -1], "optional: true", "allow_ragged_batch: true"),
               ("prompt_vocab_size", "TYPE_INT32", [1], scalar, "optional: true"),
               ("prompt_table_extra_ids", "TYPE_UINT64", [-1], "optional: true", "allow_ragged_batch: true")]
     outputs = [("output_ids", "TYPE_INT32", [-1, -1]), ("sequence_length", "TYPE_INT32", [-1])]
     params = {"gpt_model_type": "inflight_fused_batching", "gpt_model_path": gpt_model_path,
-              "batch_scheduler_policy": "guaranteed_no_evict", "kv_cache_free_gpu_mem_fraction": "0.8",
+              "batch_scheduler_policy": "guaranteed_no_evict",
+              # see kv_cache_plan: the smaller of the two binds
+              "max_tokens_in_paged_kv_cache": str(kv["max_tokens"]),
+              "kv_cache_free_gpu_mem_fraction": str(KV_FRACTION),
               # reuse needs the extra ids (preprocessing sends them) and an engine built for it
               "enable_kv_cache_reuse": "true" if kv_cache_reuse else "false",
               "exclude_input_in_output": "true", "max_beam_width": "1",
-              "cuda_graph_mode": "true" if cuda_graphs else "false"}
+              "cuda_graph_mode": "true" if cuda_graphs else "false",
+              # Without it the backend keeps 0 graphs and re-captures every step: one per batch size.
+              "cuda_graph_cache_size": str(max_batch_size if cuda_graphs else 0)}
+    gib = kv["bytes"] / (1 << 30)
     return (f'name: "tensorrt_llm"\nbackend: "tensorrtllm"\nmax_batch_size: {max_batch_size}\n'
+            "# Decoupled (streamed responses): call the ensemble over a gRPC stream; HTTP /infer and unary gRPC\n"
+            "# calls fail with a decoupled model in the path.\n"
+            f"# KV cache: at most {kv['max_tokens']} tokens x {kv['bytes_per_token']} B = {gib:.2f} GiB, or\n"
+            f"# {KV_FRACTION} of the free GPU memory if smaller (runtime/triton/repository.py: kv_cache_plan).\n"
             "model_transaction_policy { decoupled: true }\n"
             f"dynamic_batching {{ preferred_batch_size: [ {max_batch_size} ] max_queue_delay_microseconds: 0 }}\n"
             + _tensors("input", inputs) + _tensors("output", outputs)
@@ -141,18 +198,19 @@ def ensemble_config(max_batch_size: int) -> str:
     inputs = [("AUDIO", "TYPE_STRING", [1]), ("MAX_TOKENS", "TYPE_INT32", [1], "optional: true"),
               ("STREAM", "TYPE_BOOL", [1], "optional: true")]
     return (f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch_size}\n'
+            "# tensorrt_llm is decoupled: call over a gRPC stream (HTTP /infer and unary gRPC fail).\n"
             + _tensors("input", inputs) + _tensors("output", [("TEXT", "TYPE_STRING", [-1])])
             + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n")
 
 
 def write_repository(output: str | Path, engine: dict, engine_dir: str | Path | None = None,
-                     engine_factory: str | None = None, max_batch_size: int = 64,
-                     kv_cache_reuse: bool = False) -> list[str]:
+                     engine_factory: str | None = None, instances: str | None = None) -> list[str]:
     """Write the repository into ``output`` (created; existing model folders are replaced) and return the
     model names. ``engine``: Engine.from_pretrained keywords (model, llm, device, dtype, encoder, artifacts,
     EngineOptions fields). ``engine_dir``: a build/build_decoder.py folder: canary_qwen then decodes with
-    TensorRT-LLM and the ensemble is written too, sized by ``max_batch_size``."""
-    from engine.export.trtllm import ENGINE_DIR
+    TensorRT-LLM and the ensemble is written too, sized by its decoder_meta.json (raises DecoderBuildError
+    without one)."""
+    from engine.export.trtllm import ENGINE_DIR, read_metadata
 
     output = Path(output)
     engine = dict(engine)
@@ -163,8 +221,8 @@ def write_repository(output: str | Path, engine: dict, engine_dir: str | Path | 
     if engine_dir is not None:
         engine_dir = Path(engine_dir).resolve()
         engine.update(decoder="trtllm", decoder_dir=str(engine_dir))
-        configs.update(ensemble_configs(engine, str(engine_dir / ENGINE_DIR), max_batch_size, kv_cache_reuse))
-    configs["canary_qwen"] = canary_qwen_config(engine, engine_factory)
+        configs.update(ensemble_configs(engine, read_metadata(engine_dir), str(engine_dir / ENGINE_DIR)))
+    configs["canary_qwen"] = canary_qwen_config(engine, engine_factory, instances)
     for name, text in configs.items():
         folder = output / name
         if folder.exists():
@@ -184,23 +242,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)  # with --engine-dir the tensorrtllm-backend ensemble is written too
     parser.add_argument("--engine-factory", default=None,
                         help="module:function making the Engine from the same keywords (custom backends)")
+    parser.add_argument("--gpus", default=None, metavar="0,1,...",
+                        help="canary_qwen instances on these GPUs (KIND_GPU), each with its own engine on its GPU")
+    parser.add_argument("--instances-per-gpu", "--instances", dest="instances", type=int, default=1,
+                        help="canary_qwen instances on each GPU of --gpus, or on CPU (KIND_CPU) without it "
+                             "(default: 1)")
 
 
 def run(args: argparse.Namespace) -> int:
     """``canary-trt triton-repo``."""
     from ..options import engine_kwargs
 
-    batch, reuse = args.max_batch_size, False
-    if args.engine_dir is not None:
-        from engine.backends.decoder_trtllm import EngineInfo
-        from engine.export.trtllm import DecoderBuildError, read_metadata
+    from engine.export.trtllm import DecoderBuildError
 
-        try:
-            info = EngineInfo.from_meta(read_metadata(Path(args.engine_dir)))
-        except (DecoderBuildError, OSError, KeyError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        batch, reuse = info.max_batch_size, info.kv_cache_reuse
-    names = write_repository(args.output, engine_kwargs(args), args.engine_dir, args.engine_factory, batch, reuse)
+    try:
+        gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
+        if gpus and args.device == "cpu":
+            raise ValueError("--gpus places the engines on GPUs: drop --device cpu")
+        instances = instance_group(args.instances, gpus)
+    except ValueError as e:
+        print(f"error: bad --gpus/--instances-per-gpu: {e}", file=sys.stderr)
+        return 2
+    try:
+        names = write_repository(args.output, engine_kwargs(args), args.engine_dir, args.engine_factory, instances)
+    except (DecoderBuildError, OSError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {', '.join(names)} to {args.output}; serve with: tritonserver --model-repository {args.output}")
     return 0

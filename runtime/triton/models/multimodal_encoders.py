@@ -1,6 +1,7 @@
 """Triton Python-backend model ``multimodal_encoders`` of the TensorRT-LLM ensemble: AUDIO_SAMPLES (16 kHz)
--> OUT_PROMPT_EMBEDDING_TABLE [T_enc, hidden] and OUT_PROMPT_VOCAB_SIZE (= T_enc), with the encoder backend
-named in the parameters (torch, onnx or tensorrt; engine/backends/encoder.py)."""
+-> OUT_PROMPT_EMBEDDING_TABLE [T_enc, hidden] in the engine's dtype and OUT_PROMPT_VOCAB_SIZE (= T_enc), with
+the encoder backend named in the parameters (torch, onnx or tensorrt; engine/backends/encoder.py). Only the
+perception module is loaded: the LLM runs in the tensorrt_llm model."""
 
 import json
 
@@ -8,21 +9,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from runtime.triton import parameters
-from runtime.triton.ensemble import AudioEncoder
+from runtime.triton.ensemble import open_audio_encoder
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        from engine.backends.encoder import make_encoder
-        from engine.checkpoint import build_model, resolve
-        from runtime.common import pick_device, pick_dtype
-
         kw = json.loads(parameters(args)["encoder"])
-        device = pick_device(kw["device"])
-        files = resolve(kw["model"], kw["llm"])
-        # The whole model is built because the encoder backends take it; only its perception part runs here.
-        model, _ = build_model(files, dtype=pick_dtype(kw["dtype"], device), device=device)
-        self.encode = AudioEncoder(make_encoder(kw["encoder"], model, files, kw["artifacts"]))
+        self.encode = open_audio_encoder(kw["encoder"], kw["model"], kw["artifacts"], kw["device"], kw["dtype"])
 
     def execute(self, requests):
         responses = []
@@ -32,7 +25,8 @@ class TritonPythonModel:
                 if len(samples) != 1:  # rows would be zero-padded to the longest: more frames than the audio has
                     raise ValueError(f"send one audio per request, not a batch of {len(samples)}")
                 (table, frames), = self.encode([samples[0]])
-                outputs = [pb_utils.Tensor("OUT_PROMPT_EMBEDDING_TABLE", table[None]),
+                # DLPack: numpy has no bfloat16, and as_numpy-style tensors would need it.
+                outputs = [pb_utils.Tensor.from_dlpack("OUT_PROMPT_EMBEDDING_TABLE", table[None].contiguous()),
                            pb_utils.Tensor("OUT_PROMPT_VOCAB_SIZE", np.array([[frames]], np.int32))]
                 responses.append(pb_utils.InferenceResponse(outputs))
             except Exception as e:
