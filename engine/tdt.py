@@ -129,14 +129,18 @@ class GreedyTDT:
         return self._graphs[key][1], self._graphs[key][0]
 
     @torch.no_grad()
-    def decode(self, enc: torch.Tensor, enc_lens: torch.Tensor) -> list[TdtHypothesis]:
-        """enc [B, T, D] (any padding beyond enc_lens) + enc_lens [B] -> one hypothesis per row."""
+    def decode(self, enc: torch.Tensor, enc_lens: torch.Tensor, projected: bool = False) -> list[TdtHypothesis]:
+        """enc [B, T, D] (any padding beyond enc_lens) + enc_lens [B] -> one hypothesis per row.
+
+        ``projected``: ``enc`` is already ``joint.enc(encoder output)`` [B, T, joint_hidden], as the exported
+        encoder graphs (engine/export/tdt_onnx.py) give it."""
         b, t, _ = enc.shape
         if b == 0:
             return []
         s, graph = self._state(b, t)
         s.fp.zero_()
-        s.fp[:, :t].copy_(self.model.joint.enc(enc.float()))  # projected once per utterance, as NeMo
+        enc = enc.to(s.fp.device, torch.float32)
+        s.fp[:, :t].copy_(enc if projected else self.model.joint.enc(enc))  # projected once per utterance
         s.enc_len.copy_(enc_lens.to(s.enc_len.device))
         self.start_state(s)
         records = []
