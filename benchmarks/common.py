@@ -92,6 +92,15 @@ def speech_like_durations(n: int, seed: int = 0, low: float = 1.0, high: float =
     return [float(min(max(x, low), high)) for x in d]
 
 
+def librispeech_durations(n: int, seed: int = 0) -> list[float]:
+    """Log-normal durations clipped to [1, 35] s with a mean of about 7.4 s (LibriSpeech test-clean: 7.4 s per
+    utterance on average, shared spec benchmarks.md)."""
+    g = torch.Generator().manual_seed(seed)
+    mu = math.log(7.4) - 0.6**2 / 2  # the mean of exp(N(mu, 0.6)) is 7.4 s
+    d = torch.exp(torch.randn(n, generator=g, dtype=torch.float64) * 0.6 + mu)
+    return [float(min(max(x, 1.0), 35.0)) for x in d]
+
+
 def tokens_for(duration: float) -> int:
     """Output length of real speech: ~3.7 tokens per second of audio (shared spec, benchmarks.md)."""
     return max(1, round(3.7 * duration))

@@ -108,7 +108,10 @@ class Engine:
                  threaded: bool = True):
         """``decoder`` defaults to the torch decoder over ``model`` with a KV pool sized by ``options``.
         ``threaded=False``: no background thread; the caller drives ``step()`` (deterministic tests)."""
+        from engine.backends.cuda_settings import configure
+
         self.model, self.tokenizer, self.encoder, self.options = model, tokenizer, encoder, options
+        self.numerics = configure(model.device, model.dtype)  # TF32 off for fp32, SDPA backends: logged
         bs = options.kv_block_size
         tokens = options.kv_cache_tokens or self._default_kv_tokens()
         num_blocks = max(-(-tokens // bs), 2) + 1  # + block 0, the decoder's scratch block
