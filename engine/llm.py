@@ -60,6 +60,55 @@ class LoraLinear(nn.Module):
         del self.lora_A, self.lora_B
 
 
+class FusedLinear:
+    """Several bias-free LoraLinears over the same input as one GEMM: ``x -> cat([p(x) for p in parts], -1)``.
+
+    The weights are concatenated along the output dim and each part's ``weight`` is re-pointed to its rows
+    of the fused tensor (same values, no copy kept). LoRA adapters (if any part has one, all with the same
+    scale) become one A = cat(A_i) [sum r, in] and one block-diagonal B [sum out, sum r] (zeros off the
+    blocks), i.e. two more GEMMs instead of two per adapted part. Not a module: nothing new in state_dict.
+    """
+
+    def __init__(self, parts: list[LoraLinear]):
+        self.weight = torch.cat([p.weight.detach() for p in parts])  # [sum out, in]
+        at = 0
+        for p in parts:
+            n = p.weight.shape[0]
+            p.weight = nn.Parameter(self.weight[at : at + n], requires_grad=False)  # a view: no copy kept
+            at += n
+        adapted = [p for p in parts if p.has_lora]
+        self.lora_A = self.lora_B = None
+        self.scale = 0.0
+        if adapted:
+            if len({p.scale for p in adapted}) != 1:
+                raise ValueError("fused LoRA parts must share one scale")
+            self.scale = adapted[0].scale
+            self.lora_A = torch.cat([p.lora_A.weight.detach() for p in adapted])  # [sum r, in]
+            ranks = [p.lora_A.weight.shape[0] for p in adapted]
+            self.lora_B = self.weight.new_zeros(self.weight.shape[0], sum(ranks))  # [sum out, sum r]
+            row, col = 0, 0
+            for p in parts:
+                n = p.weight.shape[0]
+                if p.has_lora:
+                    r = p.lora_A.weight.shape[0]
+                    self.lora_B[row : row + n, col : col + r] = p.lora_B.weight.detach()
+                    col += r
+                row += n
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.lora_A is not None:
+            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return y
+
+
+def attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """q [B, h, q, hd], k/v [B, kvh, kv, hd]; mask [B, 1, q, kv] bool (True = attend) or None for causal
+    (queries aligned with the last keys; used on right-padded prompts) -> [B, h, q, hd]."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
 def rope_inv_freq(cfg: LLMConfig) -> torch.Tensor:
     """[head_dim / 2] inverse frequencies, computed on the CPU in float32 as transformers does."""
     exponent = torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device="cpu") / cfg.head_dim
@@ -83,7 +132,9 @@ class KVCache:
 
     A cache is any object with ``update(layer, k, v) -> (keys, values)``: it stores the new keys/values
     [B, kv_heads, q, head_dim] and returns what the queries attend to. Here: positions ``start..start+q``
-    are written and positions ``0..start+q`` returned; the caller advances ``start``.
+    are written and positions ``0..start+q`` returned; the caller advances ``start``. A cache may instead
+    have ``attend(layer, q, k, v, mask, scale) -> [B, h, q, hd]``: it stores k/v and computes the attention
+    itself (the paged decoder, engine.backends.decoder_torch).
     """
 
     def __init__(self, cfg: LLMConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
@@ -113,23 +164,34 @@ class Attention(nn.Module):
         self.o_proj = lin("o_proj", cfg.num_heads * cfg.head_dim, cfg.hidden_size)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self._qkv: FusedLinear | None = None  # set by fuse()
 
     def forward(self, x, cos, sin, mask, cache, layer: int):
-        """x: [B, q, hidden]; cos/sin: [B, q, hd]; mask: [B, 1, q, kv] bool (True = attend)."""
+        """x: [B, q, hidden]; cos/sin: [B, q, hd]; mask: [B, 1, q, kv] bool (True = attend), or None: causal
+        within x (right padding only: padding keys lie beyond every valid query)."""
         b, q, _ = x.shape
+        if self._qkv is not None:  # one GEMM, split into views
+            qs, ks, vs = self._qkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
+        else:
+            qs, ks, vs = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # q_norm / k_norm are per-head RMSNorms applied before RoPE.
-        qs = self.q_norm(self.q_proj(x).view(b, q, self.n_heads, self.hd)).transpose(1, 2)  # [B, h, q, hd]
-        ks = self.k_norm(self.k_proj(x).view(b, q, self.n_kv, self.hd)).transpose(1, 2)  # [B, kvh, q, hd]
-        vs = self.v_proj(x).view(b, q, self.n_kv, self.hd).transpose(1, 2)
+        qs = self.q_norm(qs.view(b, q, self.n_heads, self.hd)).transpose(1, 2)  # [B, h, q, hd]
+        ks = self.k_norm(ks.view(b, q, self.n_kv, self.hd)).transpose(1, 2)  # [B, kvh, q, hd]
+        vs = vs.view(b, q, self.n_kv, self.hd).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, q, hd]
         qs = qs * cos + rotate_half(qs) * sin
         ks = ks * cos + rotate_half(ks) * sin
-        if cache is not None:
-            ks, vs = cache.update(layer, ks, vs)  # [B, kvh, kv, hd]
-        out = F.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=mask, scale=self.hd**-0.5, enable_gqa=self.n_heads != self.n_kv
-        )  # [B, h, q, hd]
+        if hasattr(cache, "attend"):  # the cache stores k/v and computes attention itself (paged decoder)
+            out = cache.attend(layer, qs, ks, vs, mask, self.hd**-0.5)
+        else:
+            if cache is not None:
+                ks, vs = cache.update(layer, ks, vs)  # [B, kvh, kv, hd]
+            out = attention(qs, ks, vs, mask, self.hd**-0.5)  # [B, h, q, hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, q, self.n_heads * self.hd))
+
+    def fuse(self) -> None:
+        """One GEMM for q, k and v (see FusedLinear); the three projections stay usable (views)."""
+        self._qkv = FusedLinear([self.q_proj, self.k_proj, self.v_proj])
 
 
 class MLP(nn.Module):
@@ -142,9 +204,16 @@ class MLP(nn.Module):
         self.gate_proj = lin("gate_proj", cfg.hidden_size, cfg.intermediate_size)
         self.up_proj = lin("up_proj", cfg.hidden_size, cfg.intermediate_size)
         self.down_proj = lin("down_proj", cfg.intermediate_size, cfg.hidden_size)
+        self._gate_up: FusedLinear | None = None  # set by fuse()
 
     def forward(self, x):
+        if self._gate_up is not None:
+            gate, up = self._gate_up(x).chunk(2, -1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def fuse(self) -> None:
+        self._gate_up = FusedLinear([self.gate_proj, self.up_proj])
 
 
 class DecoderLayer(nn.Module):
@@ -171,8 +240,8 @@ class Qwen3(nn.Module):
         self._inv_freq = rope_inv_freq(cfg)  # not a buffer: derived, and must stay float32
 
     def forward(self, x, position_ids, mask, cache=None) -> torch.Tensor:
-        """x: [B, q, hidden]; position_ids: [B, q]; mask: [B, 1, q, kv] bool (True = attend); cache: see
-        KVCache (None: attend within x only)."""
+        """x: [B, q, hidden]; position_ids: [B, q]; mask: [B, 1, q, kv] bool (True = attend) or None (causal
+        within x, right padding only); cache: see KVCache (None: attend within x only)."""
         if self._inv_freq.device != x.device:
             self._inv_freq = self._inv_freq.to(x.device)
         cos, sin = rope_cos_sin(self._inv_freq, position_ids, x.dtype)
@@ -184,3 +253,18 @@ class Qwen3(nn.Module):
         for m in self.modules():
             if isinstance(m, LoraLinear):
                 m.merge()
+        if self.fused:  # rebuild the fused weights without the adapters
+            self.fuse()
+
+    @property
+    def fused(self) -> bool:
+        return self.layers[0].self_attn._qkv is not None
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Concatenate q/k/v and gate/up weights (and their LoRA adapters) for one GEMM each. Call once the
+        model is on its device and dtype (``.to()`` afterwards would not move the fused copies); the
+        checkpoint parameters keep their names and become views into the fused tensors (no extra memory)."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()

@@ -1,26 +1,40 @@
-"""Fast torch decoder: paged KV cache, batched prefill, greedy decode with optional CUDA graphs.
+"""Fast torch decoder: paged KV cache, batched prefill, greedy decode with device-resident state.
 
 KV memory: one pool per layer of ``num_blocks * block_size`` token slots [slots, kv_heads, head_dim]; a
 sequence owns the blocks the scheduler reserved for it (``DecodeRequest.blocks``), so memory follows the
-tokens held, not a fixed maximum per slot. Block 0 is scratch: padded rows of a batch write there.
+tokens held, not a fixed maximum per slot. Block 0 is scratch: padded rows and finished rows write there.
 
-Prefill: the new requests as one right-padded batch (prompt ids embedded and audio embeddings spliced on
-the device); their keys/values go to their blocks, attention stays within each prompt.
+Batch state lives on the device, one row per running sequence (rows 0..n-1, kept dense): next input token,
+position, tokens generated, token limit, done flag, and the block table row (written once, at prefill).
+A decode step advances positions, samples, feeds the sampled token to the next step and decides eos /
+length on the device, and writes a report row per sequence (token or -1, its log-probability, finish code).
+The host reads the report: on CUDA through a pinned buffer, one step behind (step n's report is read after
+step n+1 is queued, so the GPU never waits for Python); elsewhere at once. Host bookkeeping is vectorised
+and runs only when the batch composition changes (admission, release).
 
-Decode: one query per sequence. Each sequence's keys are gathered from its blocks up to a length bucket
-(powers of two in blocks), so attention costs what the longest sequence in the batch holds, rounded up.
-Batch and length are padded to a fixed ladder, which gives static shapes: on CUDA one graph per
-(batch, length) rung is captured at start-up and replayed; eager runs use the same padded shapes, so
-graphs and eager give identical tokens. The only device->host copy per step is the new tokens.
+Attention, two paths:
+- fast (CUDA, bf16/fp16, triton present, power-of-two block size): the Triton paged kernels
+  (engine/kernels/paged_attention.py) read keys/values through the block table; batch padded to a ladder
+  (1, 2, 4, 8, then every 16), and one CUDA graph per batch size, captured after an eager warm-up of that
+  shape. Eager runs use the same padded shapes and split count, so graphs and eager give the same tokens.
+- reference (CPU, fp32): SDPA over exactly the live length (keys gathered once per layer, no power-of-two
+  padding), query heads folded onto their kv head (no key repeat); the exact path that gives NeMo's ids.
+
+Prefill: the new requests as one right-padded batch, lengths rounded up to ``prefill_bucket`` so shapes
+stay few; causal attention (padding keys lie beyond every valid query), no mask tensor; every host-side
+index of the batch goes to the device in one copy (pinned on CUDA).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import deque
+from contextlib import nullcontext
 
+import numpy as np
 import torch
 
+from engine.llm import attention
 from engine.model import CanaryQwenModel
 
 from .base import DecodeRequest
@@ -28,6 +42,8 @@ from .base import DecodeRequest
 log = logging.getLogger(__name__)
 
 SCRATCH_SLOT = 0
+STOP, LENGTH = 1, 2  # finish codes in the report
+REASONS = {STOP: "stop", LENGTH: "length"}
 
 
 def ladder(limit: int) -> list[int]:
@@ -38,6 +54,12 @@ def ladder(limit: int) -> list[int]:
 
 def bucket(n: int, rungs: list[int]) -> int:
     return next(r for r in rungs if r >= n)
+
+
+def _kernels():
+    from engine.kernels import paged_attention
+
+    return paged_attention
 
 
 class PagedKV:
@@ -55,62 +77,108 @@ class PagedKV:
         return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.embed_tokens.weight.element_size()
 
 
-@dataclass
-class PagedView:
-    """The cache object the LLM layers see for one forward (see engine.llm.KVCache for the protocol)."""
+class _PrefillView:
+    """Cache seen by the layers during prefill: store k/v at ``write`` [B*n], causal attention in the batch."""
 
-    kv: PagedKV
-    write: torch.Tensor  # [B, q] slot of each new token
-    read: torch.Tensor | None  # [B, L] slots to attend to, or None: attend within the new tokens only
+    def __init__(self, kv: PagedKV, write: torch.Tensor):
+        self.kv, self.write = kv, write
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v: [B, kv_heads, q, head_dim] -> stored; returns [B, kv_heads, L, head_dim] to attend to."""
-        slots = self.write.reshape(-1)
-        self.kv.k[layer][slots] = k.transpose(1, 2).reshape(-1, k.shape[1], k.shape[3])  # [B*q, kvh, hd]
-        self.kv.v[layer][slots] = v.transpose(1, 2).reshape(-1, v.shape[1], v.shape[3])
-        if self.read is None:
-            return k, v
-        keys = self.kv.k[layer][self.read]  # [B, L, kv_heads, head_dim]
-        values = self.kv.v[layer][self.read]
-        return keys.transpose(1, 2), values.transpose(1, 2)
+    def attend(self, layer, q, k, v, mask, scale):
+        b, kvh, n, hd = k.shape
+        self.kv.k[layer][self.write] = k.transpose(1, 2).reshape(b * n, kvh, hd)  # [B*n, kvh, hd]
+        self.kv.v[layer][self.write] = v.transpose(1, 2).reshape(b * n, kvh, hd)
+        return attention(q, k, v, None, scale)
 
 
-@dataclass
-class _Seq:
-    req: DecodeRequest
-    length: int  # tokens in the cache
-    last: int  # last generated token (the next decode input)
-    generated: int
-    done: bool
+class _DecodeView:
+    """Reference decode cache: store the new k/v at ``write`` [B], attend over ``read`` [B, L] slots."""
+
+    def __init__(self, kv: PagedKV, write: torch.Tensor, read: torch.Tensor, mask: torch.Tensor):
+        self.kv, self.write, self.read, self.mask = kv, write, read, mask
+
+    def attend(self, layer, q, k, v, mask, scale):
+        self.kv.k[layer][self.write] = k[:, :, 0]
+        self.kv.v[layer][self.write] = v[:, :, 0]
+        b, h, _, hd = q.shape
+        kvh = k.shape[1]
+        keys = self.kv.k[layer][self.read].transpose(1, 2)  # [B, kvh, L, hd]
+        values = self.kv.v[layer][self.read].transpose(1, 2)
+        # The query heads of one kv head become that head's queries: no repeated keys.
+        out = attention(q.reshape(b, kvh, h // kvh, hd), keys, values, self.mask, scale)  # [B, kvh, g, hd]
+        return out.reshape(b, h, 1, hd)
+
+
+class _TritonView:
+    """Fast decode cache: Triton store at ``write`` [B], paged attention over ``lens`` [B] via ``table``."""
+
+    def __init__(self, kv: PagedKV, write, table, lens, block_size: int, splits: int):
+        self.kv, self.write, self.table, self.lens = kv, write, table, lens
+        self.block_size, self.splits = block_size, splits
+
+    def attend(self, layer, q, k, v, mask, scale):
+        pa = _kernels()
+        kc, vc = self.kv.k[layer], self.kv.v[layer]
+        pa.store_kv(k[:, :, 0], v[:, :, 0], kc, vc, self.write)
+        out = pa.paged_decode(q[:, :, 0], kc, vc, self.table, self.lens, self.block_size, scale, self.splits)
+        return out.unsqueeze(2)  # [B, h, 1, hd]
 
 
 class TorchDecoder:
-    """DecoderBackend on the exact model: ``add`` queues a request for prefill, ``step`` runs the prefill
-    of new requests and one decode step of the running ones, ``release`` forgets a request."""
+    """DecoderBackend on the exact model: ``add`` queues a request for prefill, ``step`` runs one decode step
+    of the running ones and the prefill of new requests, ``release`` forgets a request."""
 
     name = "torch"
 
     def __init__(self, model: CanaryQwenModel, num_blocks: int, block_size: int, max_batch_size: int,
-                 max_seq_len: int, eos_id: int, cuda_graphs: bool = True):
+                 max_seq_len: int, eos_id: int, cuda_graphs: bool = True, prefill_bucket: int | None = None,
+                 num_splits: int = 4, fast: bool | None = None):
+        """``prefill_bucket``: prompt lengths are padded to a multiple of it (default 64 on CUDA, 16
+        elsewhere); ``num_splits``: split-KV programs per sequence and kv head (fast path); ``fast``: force
+        the Triton path on or off (default: CUDA bf16/fp16 with triton and a power-of-two block size)."""
         self.model, self.eos_id = model, eos_id
-        self.block_size, self.num_blocks = block_size, num_blocks
+        self.block_size, self.num_blocks, self.num_splits = block_size, num_blocks, num_splits
+        dev = model.device
+        if not model.llm.fused:
+            model.llm.fuse()  # one QKV and one gate-up GEMM per layer
         self.kv = PagedKV(model, num_blocks * block_size)
         self.pending: list[DecodeRequest] = []
-        self.running: dict[int, _Seq] = {}
-        max_blocks = -(-max_seq_len // block_size)
+        self.running: dict[int, int] = {}  # request id -> row
+        self.failed: dict[int, str] = {}
+        self.finished: dict[int, str] = {}
+        self.logprobs: dict[int, list[float]] = {}
+        self.max_blocks = -(-max_seq_len // block_size)
+        self.max_batch_size = max_batch_size
         self.batch_rungs = ladder(max_batch_size)
-        self.block_rungs = sorted({min(2**i, max_blocks) for i in range(max_blocks.bit_length() + 1)})
-        dev = model.device
-        # Static decode inputs; a (batch, blocks) rung uses the leading [:B] / [:B, :nb] views.
-        self._tokens = torch.zeros(max_batch_size, dtype=torch.long, device=dev)
-        self._pos = torch.zeros(max_batch_size, dtype=torch.long, device=dev)
-        self._slot = torch.zeros(max_batch_size, dtype=torch.long, device=dev)
-        self._table = torch.zeros(max_batch_size, self.block_rungs[-1], dtype=torch.long, device=dev)
-        self._lens = torch.ones(max_batch_size, dtype=torch.long, device=dev)
-        self._out = torch.zeros(max_batch_size, dtype=torch.long, device=dev)
-        self._arange = torch.arange(self.block_rungs[-1] * block_size, device=dev)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        if cuda_graphs and dev.type == "cuda":
+        self.prefill_bucket = prefill_bucket or (64 if dev.type == "cuda" else 16)
+        self.prefill_shapes: set[tuple[int, int]] = set()  # (batch, padded length) of every prefill
+        self.prefill_tokens = 0  # prompt tokens prefilled
+        self.prefill_padded_tokens = 0  # padding positions computed alongside them
+        if fast is None:
+            fast = (dev.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
+                    and block_size & (block_size - 1) == 0 and _kernels().available())
+        self.fast = fast
+        # Device state, one row per running sequence; rows >= n are padding (done, scratch block, length 1).
+        m = max_batch_size
+        self._tok = torch.zeros(m, dtype=torch.long, device=dev)  # next input token
+        self._pos = torch.zeros(m, dtype=torch.long, device=dev)  # its position = tokens in the cache
+        self._gen = torch.zeros(m, dtype=torch.long, device=dev)  # tokens generated
+        self._limit = torch.ones(m, dtype=torch.long, device=dev)  # max_new_tokens
+        self._done = torch.ones(m, dtype=torch.bool, device=dev)
+        self._table = torch.zeros(m, self.max_blocks, dtype=torch.long, device=dev)
+        self._report = torch.zeros(3, m, dtype=torch.float64, device=dev)  # token | logprob | finish code
+        self._arange = torch.arange(self.max_blocks * block_size, device=dev)
+        # Host mirror: row -> request id (-1 free), rows whose finish is not yet known, cache lengths.
+        self.n = 0
+        self._rid = np.full(m, -1, dtype=np.int64)
+        self._open = np.zeros(m, dtype=bool)
+        self._len = np.zeros(m, dtype=np.int64)  # exact on the reference path (reports are read at once)
+        self._lag = dev.type == "cuda"  # read reports one step behind
+        self._inflight: deque = deque()  # (host report, event, row -> request id) not yet read
+        self._host = ([torch.empty(3, m, dtype=torch.float64, pin_memory=True) for _ in range(2)]
+                      if dev.type == "cuda" else [])
+        self._flip = 0
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if cuda_graphs and self.fast and dev.type == "cuda":
             self.capture_graphs()
 
     # ---- request interface -------------------------------------------------------------------------
@@ -121,124 +189,241 @@ class TorchDecoder:
         need = req.prompt_len + req.max_new_tokens
         if len(req.blocks) * self.block_size < need:
             raise ValueError(f"request {req.request_id}: {len(req.blocks)} blocks hold fewer than {need} tokens")
-        if need > self.block_rungs[-1] * self.block_size:
+        if need > self.max_blocks * self.block_size:
             raise ValueError(f"request {req.request_id}: {need} tokens exceed max_seq_len")
+        if req.max_new_tokens < 1:
+            raise ValueError(f"request {req.request_id}: max_new_tokens must be >= 1")
         self.pending.append(req)
 
     def release(self, request_id: int) -> None:
-        self.running.pop(request_id, None)
+        row = self.running.pop(request_id, None)
+        if row is not None:
+            self._rid[row] = -1  # compacted at the next step
+            self._open[row] = False
         self.pending = [r for r in self.pending if r.request_id != request_id]
+        self.finished.pop(request_id, None)
+        self.logprobs.pop(request_id, None)
 
     @property
     def active(self) -> int:
-        return len(self.pending) + sum(not s.done for s in self.running.values())
+        return len(self.pending) + int(self._open[: self.n].sum())
 
     @torch.inference_mode()
     def step(self) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        decode = [s for s in self.running.values() if not s.done]
-        if decode:
-            for s, tok in zip(decode, self._decode(decode)):
-                out[s.req.request_id] = [self._advance(s, tok)]
-        if self.pending:
+        self._compact()
+        if len(self.pending) > self.max_batch_size - self.n:
+            raise RuntimeError(f"{self.n} running + {len(self.pending)} new sequences exceed "
+                               f"max_batch_size={self.max_batch_size}")
+        self._report[0].fill_(-1)
+        decoded = bool(self._open[: self.n].any())
+        if decoded:
+            self._decode()
+        prefilled = bool(self.pending)
+        if prefilled:
             new, self.pending = self.pending, []
-            for req, tok in zip(new, self._prefill(new)):
-                s = _Seq(req, req.prompt_len, tok, 0, False)
-                self.running[req.request_id] = s
-                out[req.request_id] = [self._advance(s, tok)]
+            self._prefill(new)
+        if decoded or prefilled:
+            self._queue_report()
+        out: dict[int, list[int]] = {}
+        keep = 1 if self._lag and (decoded or prefilled) else 0
+        while len(self._inflight) > keep:
+            self._read_report(out)
         return out
 
-    def _advance(self, s: _Seq, tok: int) -> int:
-        s.last, s.generated = tok, s.generated + 1
-        s.done = tok == self.eos_id or s.generated >= s.req.max_new_tokens
-        return tok
+    # ---- batch state -------------------------------------------------------------------------------
+
+    def _compact(self) -> None:
+        """Drop released rows, keeping the order of the others: one gather per state tensor."""
+        keep = np.nonzero(self._rid[: self.n] >= 0)[0]
+        if len(keep) == self.n:
+            return
+        k, dev = len(keep), self.model.device
+        idx = torch.from_numpy(keep).to(dev)
+        for t in (self._tok, self._pos, self._gen, self._limit, self._done, self._table):
+            t[:k] = t[idx]
+        self._done[k : self.n] = True
+        self._table[k : self.n] = 0
+        self._pos[k : self.n] = 0
+        for a in (self._rid, self._open, self._len):
+            a[:k] = a[keep]
+        self._rid[k : self.n] = -1
+        self._open[k : self.n] = False
+        self._len[k : self.n] = 0
+        self.n = k
+        self.running = dict(zip(self._rid[:k].tolist(), range(k)))
+
+    def _sample(self, logits: torch.Tensor, rows, live: torch.Tensor) -> None:
+        """Greedy token, its log-probability and the finish decision for ``rows`` (slice or index tensor);
+        live [rows]: rows that produce a token now."""
+        logits = logits.float()  # [B, vocab]
+        tok = logits.argmax(-1)
+        logprob = logits.gather(1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
+        gen = self._gen[rows] + live
+        stop = live & (tok == self.eos_id)
+        length = live & ~stop & (gen >= self._limit[rows])
+        self._report[0, rows] = torch.where(live, tok, -1).double()
+        self._report[1, rows] = logprob.double()
+        self._report[2, rows] = (stop * STOP + length * LENGTH).double()
+        self._tok[rows] = torch.where(live, tok, self._tok[rows])
+        self._gen[rows] = gen
+        self._done[rows] = self._done[rows] | stop | length
+
+    def _queue_report(self) -> None:
+        if self._host:
+            host = self._host[self._flip]
+            self._flip ^= 1
+            host.copy_(self._report, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:  # CPU: the report is host memory already; a copy only if it is read a step later
+            host, event = (self._report.clone() if self._lag else self._report), None
+        self._inflight.append((host, event, self._rid[: self.n].copy()))
+
+    def _read_report(self, out: dict[int, list[int]]) -> None:
+        host, event, rids = self._inflight.popleft()
+        if event is not None:
+            event.synchronize()
+        rep = host[:, : len(rids)].numpy()
+        got = np.nonzero((rep[0] >= 0) & (rids >= 0))[0]
+        if not len(got):
+            return
+        ids, toks, lps = rids[got].tolist(), rep[0, got].astype(np.int64).tolist(), rep[1, got].tolist()
+        running = self.running
+        for rid, t, lp in zip(ids, toks, lps):
+            if rid in running:  # released since: drop
+                out[rid] = [t]
+                self.logprobs.setdefault(rid, []).append(lp)
+        for i in np.nonzero(rep[2, got] > 0)[0].tolist():
+            rid = ids[i]
+            if rid in running:
+                self.finished[rid] = REASONS[int(rep[2, got[i]])]
+                self._open[running[rid]] = False
 
     # ---- prefill -----------------------------------------------------------------------------------
 
-    def _slots(self, blocks: list[int], start: int, n: int) -> list[int]:
-        bs = self.block_size
-        return [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
-
-    def _prefill(self, reqs: list[DecodeRequest]) -> list[int]:
-        model, dev = self.model, self.model.device
-        lens = [r.prompt_len for r in reqs]
-        n = max(lens)
-        embeds = torch.zeros(len(reqs), n, model.cfg.llm.hidden_size, dtype=model.dtype, device=dev)
-        write = torch.full((len(reqs), n), SCRATCH_SLOT, dtype=torch.long)
+    def _prefill(self, reqs: list[DecodeRequest]) -> None:
+        model, dev, bs = self.model, self.model.device, self.block_size
+        b = len(reqs)
+        lens = np.array([r.prompt_len for r in reqs], dtype=np.int64)
+        n = int(-(-lens.max() // self.prefill_bucket) * self.prefill_bucket)
+        text = [r.pre_ids + r.post_ids for r in reqs]
+        n_text = sum(len(t) for t in text)
+        n_audio = sum(r.audio.shape[0] for r in reqs)
+        pad_row = n_text + n_audio  # index of the zero embedding
+        src = np.full((b, n), pad_row, dtype=np.int64)  # row of each position in [text; audio; zero]
+        write = np.full((b, n), SCRATCH_SLOT, dtype=np.int64)
+        table = np.zeros((b, self.max_blocks), dtype=np.int64)
+        t_at, a_at = 0, n_text
         for i, r in enumerate(reqs):
-            ids = torch.tensor(r.pre_ids + r.post_ids, device=dev)
-            text = model.embed_tokens(ids)  # [n_pre + n_post, H]
-            row = torch.cat([text[: len(r.pre_ids)], r.audio.to(dev, model.dtype), text[len(r.pre_ids) :]])
-            embeds[i, : row.shape[0]] = row  # right padding: positions are simply 0..len-1
-            write[i, : lens[i]] = torch.tensor(self._slots(r.blocks, 0, lens[i]))
-        valid = torch.arange(n)[None, :] < torch.tensor(lens)[:, None]  # [B, n]
-        causal = torch.ones(n, n, dtype=torch.bool).tril()
-        mask = (causal[None] & valid[:, None, :]).unsqueeze(1).to(dev)  # [B, 1, n, n]; pad rows see the prompt
-        positions = torch.arange(n, device=dev).expand(len(reqs), n)
-        hidden = model.llm(embeds, positions, mask, PagedView(self.kv, write.to(dev), None))
-        last = hidden[torch.arange(len(reqs), device=dev), torch.tensor(lens, device=dev) - 1]  # [B, H]
-        return model.logits(last).argmax(-1).tolist()
+            npre, na, npost = len(r.pre_ids), r.audio.shape[0], len(r.post_ids)
+            src[i, :npre] = np.arange(t_at, t_at + npre)
+            src[i, npre : npre + na] = np.arange(a_at, a_at + na)
+            src[i, npre + na : lens[i]] = np.arange(t_at + npre, t_at + npre + npost)
+            t_at, a_at = t_at + npre + npost, a_at + na
+            blocks = np.asarray(r.blocks[: self.max_blocks], dtype=np.int64)
+            table[i, : len(blocks)] = blocks
+            p = np.arange(lens[i])
+            write[i, : lens[i]] = blocks[p // bs] * bs + p % bs
+        rows = np.arange(self.n, self.n + b)
+        limits = np.array([r.max_new_tokens for r in reqs], dtype=np.int64)
+        last = np.arange(b) * n + lens - 1
+        ids = np.fromiter((t for row in text for t in row), dtype=np.int64, count=n_text)
+        parts = [ids, src.ravel(), write.ravel(), last, rows, lens, limits, table.ravel()]
+        host = torch.from_numpy(np.concatenate(parts))
+        if dev.type == "cuda":
+            host = host.pin_memory()
+        flat = host.to(dev, non_blocking=True)  # the one host -> device copy of the batch
+        d_ids, d_src, d_write, d_last, d_rows, d_lens, d_limits, d_table = flat.split([len(x) for x in parts])
+        embed_src = torch.cat([model.embed_tokens(d_ids), *(r.audio.to(dev, model.dtype) for r in reqs),
+                               torch.zeros(1, model.cfg.llm.hidden_size, dtype=model.dtype, device=dev)])
+        embeds = embed_src[d_src].view(b, n, -1)  # [B, n, H], right padded
+        positions = self._arange[:n].expand(b, n)
+        ctx = nullcontext()
+        if dev.type == "cuda":
+            from torch.nn.attention import sdpa_kernel
+
+            from .cuda_settings import sdpa_backends
+
+            ctx = sdpa_kernel(sdpa_backends(model.dtype))
+        with ctx:
+            hidden = model.llm(embeds, positions, None, _PrefillView(self.kv, d_write))
+        last_hidden = hidden.reshape(b * n, -1)[d_last]  # [B, H]
+        self._table[d_rows] = d_table.view(b, self.max_blocks)
+        self._pos[d_rows] = d_lens
+        self._limit[d_rows] = d_limits
+        self._gen[d_rows] = 0
+        self._done[d_rows] = False
+        self._sample(model.logits(last_hidden), d_rows, torch.ones(b, dtype=torch.bool, device=dev))
+        for i, r in enumerate(reqs):
+            self.running[r.request_id] = self.n + i
+        self._rid[rows] = [r.request_id for r in reqs]
+        self._open[rows] = True
+        self._len[rows] = lens
+        self.n += b
+        self.prefill_shapes.add((b, n))
+        self.prefill_tokens += int(lens.sum())
+        self.prefill_padded_tokens += b * n - int(lens.sum())
 
     # ---- decode ------------------------------------------------------------------------------------
 
-    def _decode(self, seqs: list[_Seq]) -> list[int]:
-        b = len(seqs)
-        B = bucket(b, self.batch_rungs)
-        nb = bucket(max(-(-(s.length + 1) // self.block_size) for s in seqs), self.block_rungs)
-        table = torch.zeros(B, nb, dtype=torch.long)  # padded rows: scratch block 0, length 1
-        lens = torch.ones(B, dtype=torch.long)
-        host = torch.zeros(3, B, dtype=torch.long)  # tokens, positions, write slots
-        for i, s in enumerate(seqs):
-            blocks = s.req.blocks[:nb]
-            table[i, : len(blocks)] = torch.tensor(blocks)
-            host[0, i], host[1, i] = s.last, s.length
-            host[2, i] = self._slots(s.req.blocks, s.length, 1)[0]
-            lens[i] = s.length + 1
-        self._tokens[:B].copy_(host[0], non_blocking=True)
-        self._pos[:B].copy_(host[1], non_blocking=True)
-        self._slot[:B].copy_(host[2], non_blocking=True)
-        self._table[:B, :nb].copy_(table, non_blocking=True)
-        self._lens[:B].copy_(lens, non_blocking=True)
-        graph = self.graphs.get((B, nb))
-        if graph is not None:
-            graph.replay()
+    def _decode(self) -> None:
+        if self.fast:
+            B = bucket(self.n, self.batch_rungs)
+            graph = self.graphs.get(B)
+            if graph is not None:
+                graph.replay()
+            else:
+                self._decode_fast(B)
         else:
-            self._decode_forward(B, nb)
-        for s in seqs:
-            s.length += 1
-        return self._out[:b].tolist()  # the one device -> host copy of the step
+            self._decode_reference(self.n)
+        self._len[: self.n] += self._open[: self.n]
 
-    def _decode_forward(self, B: int, nb: int) -> None:
-        """Static-shape decode over the [:B] / [:B, :nb] views of the input buffers -> self._out[:B]."""
+    def _inputs(self, B: int):
+        """Input token, position and write slot [B] of rows [:B]; finished and padded rows write to scratch."""
+        pos, live = self._pos[:B], ~self._done[:B]
+        page = (pos // self.block_size).clamp(max=self.max_blocks - 1)
+        slot = self._table[:B].gather(1, page[:, None])[:, 0] * self.block_size + pos % self.block_size
+        return self._tok[:B], pos, torch.where(live, slot, SCRATCH_SLOT), live
+
+    def _advance(self, B: int, hidden: torch.Tensor, live: torch.Tensor) -> None:
+        self._sample(self.model.logits(hidden[:, -1]), slice(0, B), live)
+        self._pos[:B] += live
+
+    def _decode_fast(self, B: int) -> None:
+        """Static-shape step over rows [:B]: what a CUDA graph captures."""
+        tok, pos, write, live = self._inputs(B)
+        view = _TritonView(self.kv, write, self._table[:B], pos + 1, self.block_size, self.num_splits)
+        hidden = self.model.llm(self.model.embed_tokens(tok)[:, None], pos[:, None], None, view)
+        self._advance(B, hidden, live)
+
+    def _decode_reference(self, B: int) -> None:
+        """Rows [:B] over exactly the longest live length (an upper bound the host tracks)."""
         bs = self.block_size
-        ar = self._arange[: nb * bs]
-        table = self._table[:B, :nb]
-        read = table[:, ar // bs] * bs + ar % bs  # [B, L] slot of every position
-        mask = (ar[None, :] < self._lens[:B, None])[:, None, None, :]  # [B, 1, 1, L]
-        x = self.model.embed_tokens(self._tokens[:B])[:, None]  # [B, 1, H]
-        view = PagedView(self.kv, self._slot[:B, None], read)
-        hidden = self.model.llm(x, self._pos[:B, None], mask, view)
-        self._out[:B] = self.model.logits(hidden[:, -1]).argmax(-1)
+        L = int(self._len[:B].max()) + 1
+        tok, pos, write, live = self._inputs(B)
+        ar = self._arange[:L]
+        read = self._table[:B, ar // bs] * bs + ar % bs  # [B, L] slot of every position
+        mask = (ar[None, :] < (pos + 1)[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        view = _DecodeView(self.kv, write, read, mask)
+        hidden = self.model.llm(self.model.embed_tokens(tok)[:, None], pos[:, None], mask, view)
+        self._advance(B, hidden, live)
 
     def capture_graphs(self) -> None:
-        """One CUDA graph per (batch, length) rung, largest first, sharing one memory pool."""
-        # Inputs at capture: token 0 at position 0, written to the scratch slot: harmless.
-        self._table.zero_(), self._lens.fill_(1), self._slot.zero_(), self._pos.zero_(), self._tokens.zero_()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):  # warm-up: kernel selection and lazy initialisation outside capture
-                self._decode_forward(self.batch_rungs[-1], self.block_rungs[-1])
-        torch.cuda.current_stream().wait_stream(stream)
+        """One CUDA graph per batch rung, largest first, sharing one memory pool; each shape is run eagerly
+        first (Triton compilation, cuBLAS heuristics, lazy initialisation stay outside the capture)."""
+        # All rows are padding now (done, scratch block): warm-up and capture write to scratch only.
         pool = None
-        with torch.inference_mode():
-            for B in reversed(self.batch_rungs):
-                for nb in reversed(self.block_rungs):
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=pool):
-                        self._decode_forward(B, nb)
-                    pool = g.pool()
-                    self.graphs[(B, nb)] = g
+        for B in reversed(self.batch_rungs):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(2):
+                    self._decode_fast(B)
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(g, pool=pool):
+                self._decode_fast(B)
+            pool = g.pool()
+            self.graphs[B] = g
         torch.cuda.synchronize()
-        log.info("captured %d decode graphs (batch rungs %s, block rungs %s)", len(self.graphs),
-                 self.batch_rungs, self.block_rungs)
+        log.info("captured %d decode graphs (batch sizes %s)", len(self.graphs), self.batch_rungs)

@@ -1,0 +1,147 @@
+"""The torch decoder against the reference generator: tokens, finish verdicts, log-probabilities, the
+one-step-behind report, the Triton fast path (under the interpreter on CPU), fused projections."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the fast path's kernels on CPU tensors
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from conftest import FIXTURES, Golden  # noqa: E402
+from engine.backends.base import DecodeRequest  # noqa: E402
+from engine.backends.decoder_torch import TorchDecoder, ladder  # noqa: E402
+from engine.checkpoint import build_model, resolve  # noqa: E402
+from engine.kernels import paged_attention  # noqa: E402
+from runtime.scheduler import BlockAllocator  # noqa: E402
+
+TINY = Golden(FIXTURES / "tiny-canary-qwen")
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    model, tok = build_model(resolve(TINY.root / "model", TINY.root / "llm"))
+    return model, tok
+
+
+def make_requests(model, tok, n, seed=0, max_new=(3, 9, 14)):
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for i in range(n):
+        pre = torch.randint(0, 200, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+        post = torch.randint(0, 200, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).tolist()
+        audio = torch.randn(int(torch.randint(3, 40, (1,), generator=g)), model.cfg.llm.hidden_size, generator=g)
+        reqs.append(DecodeRequest(i, pre, audio * 0.5, post, max_new[i % len(max_new)]))
+    return reqs
+
+
+def reference(model, tok, req, eos):
+    """Greedy ids and per-token log-probabilities of one request from the exact reference generator."""
+    ids = req.pre_ids + [tok.audio_id] + req.post_ids
+    embeds, mask = model.splice([ids], tok.audio_id, [req.audio])
+    (gen,) = model.generate(embeds, mask, req.max_new_tokens, eos, tok.pad_id, return_logits=True)
+    lp = torch.log_softmax(gen.step_logits, -1).gather(1, torch.tensor(gen.token_ids)[:, None])[:, 0]
+    return gen.token_ids, gen.finished, lp.tolist()
+
+
+def drive(dec, reqs, arrive=None, max_steps=200):
+    """Admit requests at their arrival steps, step, release on the decoder's verdict; returns per request
+    (tokens, reason, logprobs, step of the verdict)."""
+    alloc = BlockAllocator(dec.num_blocks, BS)
+    arrive = arrive or [0] * len(reqs)
+    got = {r.request_id: [[], None, [], None] for r in reqs}
+    for step in range(max_steps):
+        for r, t in zip(reqs, arrive):
+            if t == step:
+                r.blocks = alloc.allocate(-(-(r.prompt_len + r.max_new_tokens) // BS))
+                dec.add(r)
+        out = dec.step()
+        for rid, toks in out.items():
+            assert got[rid][1] is None, f"request {rid} got tokens after its verdict"
+            got[rid][0] += toks
+            got[rid][2] += dec.logprobs.pop(rid)
+        for rid in list(dec.finished):
+            got[rid][1], got[rid][3] = dec.finished.pop(rid), step
+            dec.release(rid)
+            alloc.free(next(r.blocks for r in reqs if r.request_id == rid))
+        if step >= max(arrive) and all(v[1] for v in got.values()):
+            break
+    assert not dec.running and not dec.pending and dec.active == 0
+    return got
+
+
+def check(model, tok, reqs, got, eos):
+    for r in reqs:
+        ids, finished, lps = reference(model, tok, r, eos)
+        toks, reason, got_lps, _ = got[r.request_id]
+        assert toks == ids, r.request_id
+        assert reason == ("stop" if finished else "length")
+        torch.testing.assert_close(torch.tensor(got_lps), torch.tensor(lps), atol=1e-4, rtol=1e-4)
+
+
+def eos_of(model, tok, reqs):
+    """An eos id that some requests produce (the first token of the first request), so both verdicts occur."""
+    return reference(model, tok, reqs[0], -1)[0][1]
+
+
+def test_ladder_keeps_graphs_few():
+    assert ladder(256)[:5] == [1, 2, 4, 8, 16] and len(ladder(256)) == 20 and len(ladder(128)) == 12
+    assert ladder(3) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("lag", [False, True])
+def test_reference_path_matches_generate(model_tok, lag):
+    model, tok = model_tok
+    reqs = make_requests(model, tok, 6)
+    eos = eos_of(model, tok, reqs)
+    dec = TorchDecoder(model, 64, BS, 4, 256, eos)
+    dec._lag = lag  # the CUDA behaviour: reports read one step behind
+    got = drive(dec, reqs, arrive=[0, 0, 1, 3, 3, 9])
+    check(model, tok, reqs, got, eos)
+    assert {v[1] for v in got.values()} == {"stop", "length"}
+    assert model.llm.fused
+    assert dec.prefill_tokens == sum(r.prompt_len for r in reqs)
+    assert all(n % dec.prefill_bucket == 0 for _, n in dec.prefill_shapes)
+    assert 0 < dec.prefill_padded_tokens < len(reqs) * dec.prefill_bucket  # 6 rows, each < one bucket short
+
+
+@pytest.mark.skipif(not paged_attention.available(), reason="triton is not installed")
+def test_triton_path_matches_reference_path(model_tok):
+    """The fast path's logic (padded ladder batch, store kernel, paged attention) on CPU, fp32."""
+    model, tok = model_tok
+    reqs = make_requests(model, tok, 5, seed=1, max_new=(4, 7))
+    eos = eos_of(model, tok, reqs)
+    dec = TorchDecoder(model, 64, BS, 5, 256, eos, fast=True, num_splits=3)
+    got = drive(dec, reqs, arrive=[0, 1, 1, 2, 6])
+    check(model, tok, reqs, got, eos)
+
+
+def test_fused_projections_match_unfused():
+    model, _ = build_model(resolve(TINY.root / "model", TINY.root / "llm"))
+    x = torch.randn(2, 7, model.cfg.llm.hidden_size)
+    pos = torch.arange(7).expand(2, 7)
+    with torch.no_grad():
+        ref = model.llm(x, pos, None)
+        names = sorted(dict(model.named_parameters()))
+        model.llm.fuse()
+        assert sorted(dict(model.named_parameters())) == names  # checkpoint names unchanged
+        torch.testing.assert_close(model.llm(x, pos, None), ref, atol=1e-5, rtol=1e-5)
+        attn = model.llm.layers[0].self_attn
+        assert attn.q_proj.weight.data_ptr() == attn._qkv.weight.data_ptr()  # a view, not a copy
+        model.llm.merge_lora()  # re-fuses without the adapters
+        assert attn._qkv.lora_A is None
+        torch.testing.assert_close(model.llm(x, pos, None), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_requests_are_refused(model_tok):
+    model, tok = model_tok
+    dec = TorchDecoder(model, 8, BS, 2, 64, 0)
+    r = make_requests(model, tok, 1)[0]
+    with pytest.raises(ValueError, match="needs reserved KV blocks"):
+        dec.add(r)
+    r.blocks = [1]
+    with pytest.raises(ValueError, match="blocks hold fewer than"):
+        dec.add(r)
