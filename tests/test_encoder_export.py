@@ -376,7 +376,7 @@ def tensorrt_or_skip():
 
 
 @pytest.mark.tensorrt
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_tensorrt_plans_match_torch(precision, request, files, tmp_path):
     tensorrt_or_skip()
     from engine.export.artifacts import PLAN_METADATA
@@ -392,10 +392,37 @@ def test_tensorrt_plans_match_torch(precision, request, files, tmp_path):
     got = make_encoder("tensorrt", model, files, d).encode(waves)
     want = TorchEncoder(model.perception, max_batch=4).encode(waves)
     for g, w in zip(got, want, strict=True):
-        assert g.shape == w.shape and rel_err(g.cpu(), w.cpu()) < TOL[precision]
+        assert g.shape == w.shape and g.dtype == w.dtype and rel_err(g.float().cpu(), w.float().cpu()) < TOL[precision]
     assert make_encoder("auto", model, files, d).name == "tensorrt"
     plan_meta = json.loads((d / PLAN_METADATA).read_text())
     plan_meta["tensorrt"]["gpu"] = "some other GPU"
     (d / PLAN_METADATA).write_text(json.dumps(plan_meta))
     with pytest.raises(ArtifactError, match="rebuild the plans"):
         make_encoder("tensorrt", model, files, d)
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_two_profiles_and_a_batch_of_16_near_the_maximum(bf16_dir, files, tmp_path):
+    """What the README recommends: bf16, a short-clip profile with big batches and a long-clip one; a batch of
+    16 clips near the maximum length, a batch below the long profile's minimum (padded with masked rows), and
+    the one-by-one path, all against the torch encoder in bf16 on the same GPU."""
+    tensorrt_or_skip()
+    from engine.export.tensorrt import Profile, build_plans
+
+    d = tmp_path / "bf16"
+    shutil.copytree(bf16_dir, d)
+    build_plans(d, [Profile((1, 32, 64), (0.05, 2.0, 3.0)), Profile((4, 8, 16), (3.0, 6.0, MAX_DURATION))],
+                tmp_path / "timing.cache")
+    model = build_model(files, dtype=torch.bfloat16, device="cuda")[0]
+    clips = [TINY.audio(s).numpy() for s in TINY.stems]
+    joined = np.concatenate(clips * 3)
+    rng = np.random.default_rng(0)
+    long = [joined[o : o + int(7.9 * 16000) - 37 * i] for i, o in enumerate(rng.integers(0, 16000, 16))]
+    short = [c[: int(n)] for c, n in zip(clips * 8, rng.integers(100, 40000, 40))]
+    enc = make_encoder("tensorrt", model, files, d)
+    ref = TorchEncoder(model.perception, max_batch=16)
+    for waves in (long, long[:2], short, short[:1] + long[:1]):  # 16 long; 2 long (< min 4); 40 short; mixed
+        got, want = enc.encode(waves), ref.encode(waves)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape and g.dtype == torch.bfloat16
+            assert rel_err(g.float().cpu(), w.float().cpu()) < TOL["bf16"]
