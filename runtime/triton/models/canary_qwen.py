@@ -8,7 +8,9 @@ carries the whole TEXT, TOKEN_IDS and FINISH_REASON. A request the client cancel
 its next piece of text, which frees its KV blocks.
 
 The engine comes from ``Engine.from_pretrained(**json(parameter "engine"))``, or from the callable named by
-the parameter ``engine_factory`` ("module:function", same keywords) for custom backends.
+the parameter ``engine_factory`` ("module:function", same keywords) for custom backends. Every instance of the
+instance_group is a stub process of its own with its own engine: a KIND_GPU instance builds it on the GPU
+Triton gives it (``model_instance_device_id``), a KIND_CPU one on the configured device.
 """
 
 import importlib
@@ -81,8 +83,16 @@ class TritonPythonModel:
         make = importlib.import_module(module)
         for part in attr.split("."):
             make = getattr(make, part)
-        self.engine = make(**kwargs)
+        self.instance = args.get("model_instance_name", "canary_qwen")
+        if args.get("model_instance_kind") == "GPU":
+            import torch
+
+            gpu = int(args["model_instance_device_id"])
+            torch.cuda.set_device(gpu)  # for libraries that use the current device (TensorRT-LLM)
+            kwargs["device"] = f"cuda:{gpu}"
         self.logger = pb_utils.Logger
+        self.engine = make(**kwargs)
+        self.logger.log_info(f"canary_qwen: instance {self.instance} ready on {kwargs.get('device', 'auto')}")
 
     def execute(self, requests):
         for request in requests:
@@ -106,6 +116,7 @@ class TritonPythonModel:
             link.handle = self.engine.submit(audio, rate, on_delta=link.on_delta,
                                              max_new_tokens=None if max_new is None else int(max_new.reshape(-1)[0]))
             link.submitted.set()
+            self.logger.log_verbose(f"canary_qwen: instance {self.instance} took request {link.handle.id}")
         except Exception as e:  # bad audio, too long, queue full, closing: this request fails alone
             error = pb_utils.TritonError(f"canary_qwen: {e}")
             sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
