@@ -1,7 +1,7 @@
 """Audio input: decode, downmix to mono, resample to 16 kHz float32.
 
 Files and bytes are decoded by libsndfile (``soundfile``: WAV, FLAC, OGG/Vorbis/Opus, MP3, ...), and what it
-cannot read (M4A/AAC, WebM, ...) by FFmpeg through PyAV when that is installed (extra ``serving``); resampling
+cannot read (M4A/AAC, MP4, WebM, ...) by FFmpeg through PyAV (a core dependency); resampling
 uses soxr (the SoX resampler, high quality). Arrays and tensors need their sample rate. Every error names
 the input it is about.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import re
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -118,13 +119,22 @@ def _decode(data, name: str, max_seconds: float | None) -> tuple[np.ndarray, int
     except AudioError:
         raise  # libsndfile read it fine; the audio itself is unacceptable
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        reason = e
+        # soundfile names the input by its repr ("Error opening <_io.BytesIO object at 0x...>"): the message
+        # names it already, so drop that
+        reason = str(e).replace(f"Error opening {data!r}: ", "").replace(repr(data), "the input")
     # libsndfile has no M4A/AAC or WebM; FFmpeg (through PyAV, optional) has. Its error is only a second
     # opinion, so the message keeps libsndfile's reason.
     decoded = _decode_av(data, name, max_seconds)
     if decoded is None:
-        raise AudioError(f"{name}: cannot decode audio ({reason})") from None
+        hint = "" if _has_av() else "; m4a, mp4, aac and webm need PyAV (pip install av)"
+        raise AudioError(f"{name}: cannot decode audio ({reason}{hint})") from None
     return decoded
+
+
+def _has_av() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("av") is not None
 
 
 def _decode_av(data, name: str, max_seconds: float | None) -> tuple[np.ndarray, int] | None:
@@ -159,15 +169,19 @@ def _decode_av(data, name: str, max_seconds: float | None) -> tuple[np.ndarray, 
         return None
 
 
-def load_audio(source: AudioInput, sample_rate: int | None = None, max_seconds: float | None = None) -> np.ndarray:
+def load_audio(source: AudioInput, sample_rate: int | None = None, max_seconds: float | None = None,
+               name: str | None = None) -> np.ndarray:
     """Any supported input -> float32 mono samples at 16 kHz, shape [N], N > 0, all finite.
 
     ``sample_rate`` is the rate of an in-memory array or tensor; encoded files and bytes carry their own.
     ``max_seconds``: longer input raises AudioTooLong, and encoded input is decoded no further than that.
+    ``name``: what error messages call the input (e.g. an upload's file name); default: the path, or its kind.
     """
-    name = describe(source)
+    name = name or describe(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.is_dir():
+            raise AudioError(f"{name}: is a directory, not an audio file")
         if not path.is_file():
             raise AudioError(f"{name}: no such file")
         samples, rate = _decode(str(path), name, max_seconds)
@@ -193,3 +207,72 @@ def load_audio(source: AudioInput, sample_rate: int | None = None, max_seconds: 
     if not np.isfinite(out).all():  # finite but huge samples (float files hold up to 3e38) overflow soxr
         raise AudioError(f"{name}: sample values too large: resampling overflows float32")
     return np.ascontiguousarray(out)
+
+
+# ---- native decoder chatter ----------------------------------------------------------------------------------
+
+# What libmpg123 (inside libsndfile) and FFmpeg print per damaged frame, straight to file descriptor 2: a long
+# MP3 with a few bad frames puts hundreds of these lines into a server log.
+DECODER_CHATTER = re.compile(r"^(Note: |Warning: |\[src/libmpg123/|\[[\w ,.-]+ @ 0x[0-9a-f]+\] )")
+
+
+def quiet_decoder_logs(interval_s: float = 60.0):
+    """Route what native code writes to file descriptor 2 through a filter: decoder chatter (DECODER_CHATTER)
+    is counted and reported through ``logging`` (the first line, then how many more, at most once per
+    ``interval_s``); every other line passes unchanged. Python's own ``sys.stderr`` (logging included) is moved
+    to a copy of the real descriptor, so it is not delayed. Returns a function that undoes this and reports
+    the last count. For processes (``serve``, the CLI), not libraries: it takes over the process's fd 2."""
+    import logging
+    import sys
+    import threading
+    import time
+
+    log = logging.getLogger(__name__)
+    sys.stderr.flush()
+    real = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    old = sys.stderr
+    sys.stderr = open(real, "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
+                      errors="backslashreplace", closefd=False)
+    handlers = [h for h in logging.root.handlers if isinstance(h, logging.StreamHandler) and h.stream is old]
+    for h in handlers:
+        h.setStream(sys.stderr)
+    state = {"first": None, "pending": 0, "total": 0, "at": time.monotonic()}
+
+    def report(final: bool = False) -> None:
+        if state["pending"] and (final or time.monotonic() - state["at"] >= interval_s):
+            log.warning("audio decoders reported %d more damaged-frame messages (not shown)", state["pending"])
+            state["pending"], state["at"] = 0, time.monotonic()
+
+    def pump() -> None:
+        with open(read_end, "rb") as f:
+            for raw in f:
+                line = raw.decode("utf-8", errors="replace").rstrip()
+                if not DECODER_CHATTER.match(line):
+                    os.write(real, raw)
+                    continue
+                state["total"] += 1
+                if state["first"] is None:
+                    state["first"] = line
+                    log.warning("audio decoder: %s (further decoder messages are counted, not shown)", line)
+                else:
+                    state["pending"] += 1
+                    report()
+
+    thread = threading.Thread(target=pump, name="decoder-chatter", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(real, 2)  # closes the pipe's last write end: the pump reads to the end and stops
+        thread.join(5)
+        report(final=True)
+        for h in handlers:
+            h.setStream(old)
+        sys.stderr.flush()
+        sys.stderr = old
+        os.close(real)
+
+    return restore

@@ -28,8 +28,7 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
-import sys
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -41,8 +40,8 @@ from .audio import TARGET_RATE, AudioInput, load_audio
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LongTranscription", "Segment", "add_arguments", "plan_segments", "run", "speech_scores",
-           "to_json", "to_srt", "to_vtt", "transcribe_long"]
+__all__ = ["InOrder", "LongTranscription", "Segment", "VadSettings", "add_arguments", "cut_points", "plan_segments",
+           "speech_scores", "to_json", "to_srt", "to_vtt", "transcribe_long"]
 
 FRAME = 512  # samples per VAD frame at 16 kHz (32 ms): the frame silero-vad was trained on
 SILERO_CONTEXT = 64  # samples of the previous frame that silero's ONNX model sees before each frame
@@ -53,7 +52,22 @@ MIN_SPEECH_S = 0.1  # shorter blips are not speech (a click); short words like "
 ENERGY_RANGE_DB = 35.0  # energy VAD: frames within this of the recording's loud level are speech
 SILENCE_DBFS = -70.0  # energy VAD: below this a frame is silence whatever the recording's level
 VADS = ("auto", "silero", "energy", "none")
-OUTPUT_FORMATS = ("text", "jsonl", "json", "srt", "vtt")  # what `run` writes (the choices of --output-format)
+LONG_FORMATS = ("json", "srt", "vtt")  # timestamped formats: always long-form
+
+
+@dataclass(frozen=True)
+class VadSettings:
+    """How speech spans are found (OpenAI's ``server_vad`` chunking strategy maps onto these)."""
+
+    threshold: float = ON  # a frame scoring >= this opens a speech span; < threshold - 0.15 closes it
+    pad_s: float = 0.3  # kept around each span (OpenAI's prefix_padding_ms)
+    min_silence_s: float = 0.0  # pauses shorter than this do not end a span (OpenAI's silence_duration_ms)
+
+    def __post_init__(self):
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"VAD threshold must be in (0, 1], got {self.threshold}")
+        if self.pad_s < 0 or self.min_silence_s < 0:
+            raise ValueError("VAD padding and silence duration must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,9 @@ class Segment:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop", or "length" when max_new_tokens cut the segment short
+    # 1 - the VAD's highest speech score over any MIN_SPEECH_S stretch of the segment (see no_speech_prob)
+    no_speech_prob: float | None = None
+    logprobs: list[float] | None = None  # of each token_ids entry, when the decoder gives them
 
 
 @dataclass(frozen=True)
@@ -73,9 +90,16 @@ class LongTranscription:
     vad: str  # the voice-activity detector that placed the cuts: silero | energy | none
 
     def as_dict(self) -> dict:
-        """Timestamped JSON body: text, segments (id, start, end, text, token_ids, finish_reason), duration, vad."""
+        """Timestamped JSON body: text, segments (id, start, end, text, token_ids, finish_reason, no_speech_prob,
+        and avg_logprob when the decoder gives log-probabilities), duration, vad."""
         body = asdict(self)
-        body["segments"] = [{"id": i, **s} for i, s in enumerate(body["segments"])]
+        segments = []
+        for i, s in enumerate(body["segments"]):
+            logprobs = s.pop("logprobs")
+            if logprobs is not None:
+                s["avg_logprob"] = avg_logprob(logprobs)
+            segments.append({"id": i, **s})
+        body["segments"] = segments
         return body
 
 
@@ -152,37 +176,50 @@ def speech_scores(wave: np.ndarray, vad: str = "auto") -> tuple[np.ndarray, str]
     return _energy_scores(wave), "energy"
 
 
-def _spans(score: np.ndarray, pad: int) -> list[list[int]]:
+def _frames(seconds: float) -> int:
+    return round(seconds * TARGET_RATE / FRAME)
+
+
+def _spans(score: np.ndarray, settings: VadSettings) -> list[list[int]]:
     """Padded, merged speech spans as [first frame, end frame) pairs."""
     spans, start, speaking = [], 0, False
-    min_frames = max(1, round(MIN_SPEECH_S * TARGET_RATE / FRAME))
+    on, off = settings.threshold, max(settings.threshold - (ON - OFF), 0.0)
+    min_frames = max(1, _frames(MIN_SPEECH_S))
     for i, s in enumerate(np.append(score, 0.0)):  # a trailing 0 closes a span open at the end
-        if not speaking and s >= ON:
+        if not speaking and s >= on:
             start, speaking = i, True
-        elif speaking and s < OFF:
+        elif speaking and s < off:
             speaking = False
             if i - start >= min_frames:
                 spans.append([start, i])
     merged: list[list[int]] = []
+    pad, gap = _frames(settings.pad_s), _frames(settings.min_silence_s)
     for a, b in spans:
         a, b = max(0, a - pad), min(len(score), b + pad)
-        if merged and a <= merged[-1][1]:
+        if merged and a <= merged[-1][1] + gap:
             merged[-1][1] = b
         else:
             merged.append([a, b])
     return merged
 
 
-def plan_segments(wave: np.ndarray, max_segment_s: float = 40.0, vad: str = "auto",
-                  pad_s: float = 0.3) -> tuple[list[tuple[int, int]], str]:
+def plan_segments(wave: np.ndarray, max_segment_s: float = 40.0, vad: str = "auto", pad_s: float = 0.3,
+                  settings: VadSettings | None = None) -> tuple[list[tuple[int, int]], str]:
     """Where to cut 16 kHz mono audio: ([(first sample, end sample), ...] in order, each at most
-    ``max_segment_s`` long and never overlapping, detector name). Empty when no speech is found."""
+    ``max_segment_s`` long and never overlapping, detector name). Empty when no speech is found.
+    ``settings`` (threshold, padding, minimum pause) replaces ``pad_s`` when given."""
+    score, name = speech_scores(wave, vad)
+    return cut_points(score, len(wave), max_segment_s, settings or VadSettings(pad_s=pad_s)), name
+
+
+def cut_points(score: np.ndarray, n_samples: int, max_segment_s: float,
+               settings: VadSettings = VadSettings()) -> list[tuple[int, int]]:
+    """``plan_segments`` from speech scores already computed (``speech_scores``)."""
     if max_segment_s < 1.0:
         raise ValueError(f"max_segment_s must be >= 1 s, got {max_segment_s}")
-    score, name = speech_scores(wave, vad)
     limit = int(max_segment_s * TARGET_RATE) // FRAME  # frames: whole frames keep every segment within the limit
     spans = []
-    for a, b in _spans(score, round(pad_s * TARGET_RATE / FRAME)):
+    for a, b in _spans(score, settings):
         while b - a > limit:  # speech with no pause: cut at the least speech-like frame in the second half
             lo, hi = a + limit // 2, a + limit
             window = score[lo:hi + 1]
@@ -201,53 +238,206 @@ def plan_segments(wave: np.ndarray, max_segment_s: float = 40.0, vad: str = "aut
         if j + 1 < len(spans):  # more follows: end at the widest pause, preferring segments >= half the limit
             k = max(range(i, j + 1), key=lambda m: (spans[m][1] - start >= limit // 2,
                                                     spans[m + 1][0] - spans[m][1], m))
-        cuts.append((start * FRAME, min(spans[k][1] * FRAME, len(wave))))
+        cuts.append((start * FRAME, min(spans[k][1] * FRAME, n_samples)))
         i = k + 1
-    return cuts, name
+    return cuts
+
+
+def no_speech_prob(score: np.ndarray, a: int, b: int) -> float:
+    """For samples [a, b): 1 - the highest mean speech score of any MIN_SPEECH_S stretch (~3 frames) in it, so
+    one loud click does not count as speech but a short word does. With silero this is 1 - a speech
+    probability; with the energy detector a level score (0.5 at ENERGY_RANGE_DB below the recording's loud
+    level), with vad "none" always 0."""
+    s = score[a // FRAME : max(-(-b // FRAME), a // FRAME + 1)]
+    if len(s) == 0:
+        return 1.0
+    k = min(len(s), max(1, _frames(MIN_SPEECH_S)))
+    means = np.convolve(s, np.full(k, 1.0 / k), mode="valid")
+    return round(float(1.0 - means.max()), 4)
+
+
+def avg_logprob(logprobs: list[float]) -> float:
+    """Mean log-probability of a segment's tokens (0 for no tokens: the empty sequence is certain)."""
+    return round(float(np.mean(logprobs)), 6) if logprobs else 0.0
+
+
+def compression_ratio(text: str) -> float:
+    """Whisper's repetition signal: UTF-8 bytes of the text / bytes once zlib-compressed (0 for no text)."""
+    import zlib
+
+    data = text.encode("utf-8")
+    return round(len(data) / len(zlib.compress(data)), 4) if data else 0.0
 
 
 # ---- transcription ----------------------------------------------------------------------------------------------
 
+class InOrder:
+    """Items through a running Engine with at most ``window`` of them in it at once (the next is submitted as
+    one finishes), results delivered in input order as soon as an item and all earlier ones are done.
+
+    The window is what keeps admission fair: a long-form request's segments can hold at most ``window`` places
+    in the engine's FIFO queue and batch, so a short request that arrives meanwhile waits behind at most that
+    many segments, not behind the whole file.
+
+    ``submit(item, on_delta) -> handle`` queues one item (``Engine.submit``); ``on_item(i, result)`` gets each
+    result in order, a Transcription or the exception that item raised; ``on_done()`` is called once, when
+    nothing of this run is left in the engine (all delivered, or cancelled and confirmed by the engine).
+    ``call(fn, *args)`` runs the run's bookkeeping when the engine thread reports a finished item: by default in
+    that thread; the server passes ``loop.call_soon_threadsafe``, the CLI a queue its main thread drains. A
+    full engine queue (QueueFull) defers the next submission until one of this run's items finishes; with
+    none in the engine it is that item's result. ``cancel()`` cancels what is in the engine and submits no
+    more."""
+
+    def __init__(self, submit, items: list, window: int, on_item, on_done=None, call=None):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self._submit, self.items, self.window = submit, items, window
+        self._on_item, self._on_done = on_item, on_done
+        self._call = call or (lambda fn, *a: fn(*a))
+        self._lock = threading.RLock()
+        self._handles: dict = {}  # item index -> handle, while in the engine
+        self._results: dict = {}  # item index -> result, until delivered
+        self._next_submit = self._next_deliver = 0
+        self.cancelled = self.done = False
+
+    @property
+    def waiting(self) -> int:
+        """Items not yet submitted (0 once cancelled: they never will be)."""
+        return 0 if self.cancelled else len(self.items) - self._next_submit
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._handles)
+
+    def start(self) -> "InOrder":
+        with self._lock:
+            self._fill()
+        return self
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            for h in self._handles.values():
+                h.cancel()
+            self._check_done()
+
+    def _fill(self) -> None:
+        from .engine import QueueFull
+
+        while not self.cancelled and self._next_submit < len(self.items) and len(self._handles) < self.window:
+            i = self._next_submit
+            try:
+                self._handles[i] = self._submit(self.items[i], lambda d, i=i: d is None and self._ended_soon(i))
+            except QueueFull as e:
+                if self._handles:
+                    break  # retried when one of ours finishes
+                self._results[i] = e
+            except Exception as e:
+                self._results[i] = e
+            self._next_submit += 1
+        self._deliver()
+
+    def _ended_soon(self, i: int) -> None:  # engine thread
+        try:
+            self._call(self._ended, i)
+        except RuntimeError:  # the caller's loop is gone: nobody is waiting for this run any more
+            pass
+
+    def _ended(self, i: int) -> None:
+        with self._lock:
+            h = self._handles.pop(i)
+            try:
+                self._results[i] = h.result(0)
+            except Exception as e:
+                self._results[i] = e
+            self._fill()
+
+    def _deliver(self) -> None:
+        while self._next_deliver in self._results:
+            i = self._next_deliver
+            r = self._results.pop(i)
+            self._next_deliver += 1
+            if not self.cancelled:
+                self._on_item(i, r)
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if not self.done and not self._handles and (self.cancelled or self._next_deliver == len(self.items)):
+            self.done = True
+            if self._on_done is not None:
+                self._on_done()
+
+
+def segments_from(cuts: list[tuple[int, int]], results: list, score: np.ndarray | None) -> list[Segment]:
+    """Segments from the cut points and their transcriptions (warning about those cut short)."""
+    segments = []
+    for (a, b), r in zip(cuts, results):
+        if r.finish_reason == "length":
+            log.warning("segment %.2f-%.2f s reached max_new_tokens: its text is cut short", a / TARGET_RATE,
+                        b / TARGET_RATE)
+        logprobs = getattr(r, "logprobs", None)
+        segments.append(Segment(a / TARGET_RATE, b / TARGET_RATE, r.text, list(r.token_ids), r.finish_reason,
+                                None if score is None else no_speech_prob(score, a, b),
+                                None if logprobs is None else list(logprobs)))
+    return segments
+
+
+def join_texts(texts) -> str:
+    return " ".join(t for t in texts if t)
+
+
 def _transcribe_pieces(asr, pieces: list[np.ndarray], max_new_tokens: int | None,
-                       progress: Callable[[int], None] | None) -> list:
-    """An Engine takes the pieces as ordinary requests (``Engine.map``: in order, waiting when its queue is
-    full); a CanaryQwen (no ``submit``) runs them in its sorted static batches. Raises the first failure."""
+                       progress: Callable[[int], None] | None, window: int | None) -> list:
+    """An Engine takes the pieces as ordinary requests, at most ``window`` at once (default: its max_queue);
+    a CanaryQwen (no ``submit``) runs them in its sorted static batches. Raises the first failure, after
+    cancelling the rest."""
     if not hasattr(asr, "submit"):
         from .options import DEFAULT_MAX_NEW_TOKENS
 
         return asr.transcribe_samples(pieces, max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
                                       progress=progress)
-    results = []
-    for _, r in asr.map(pieces, sample_rate=TARGET_RATE, max_new_tokens=max_new_tokens):
+    results: list = []
+    finished = threading.Event()
+    failure: list[BaseException] = []
+
+    def on_item(i, r):
+        if isinstance(r, BaseException):
+            failure.append(r)
+            run.cancel()
+            return
         results.append(r)
         if progress is not None:
             progress(1)
-    error = next((r for r in results if isinstance(r, Exception)), None)
-    if error is not None:
-        raise error
+
+    run = InOrder(lambda p, cb: asr.submit(p, sample_rate=TARGET_RATE, max_new_tokens=max_new_tokens, on_delta=cb),
+                  pieces, window or asr.options.max_queue, on_item, finished.set)
+    try:
+        run.start()
+        finished.wait()
+    finally:
+        if not run.done:  # interrupted (KeyboardInterrupt): leave nothing running in the engine
+            run.cancel()
+    if failure:
+        raise failure[0]
     return results
 
 
 def transcribe_long(asr, audio: AudioInput, sample_rate: int | None = None, max_segment_s: float = 40.0,
                     vad: str = "auto", pad_s: float = 0.3, max_new_tokens: int | None = None,
                     progress: Callable[[int], None] | None = None,
-                    on_plan: Callable[[int], None] | None = None) -> LongTranscription:
+                    on_plan: Callable[[int], None] | None = None, settings: VadSettings | None = None,
+                    window: int | None = None) -> LongTranscription:
     """Transcribe audio of any length with ``asr``: a running ``runtime.Engine`` (segments go in as ordinary
-    requests) or a ``runtime.CanaryQwen``. ``progress(n)``: n more segments done; ``on_plan(n)``: the number
-    of segments, once known. Raises what the segments' requests raise."""
+    requests, at most ``window`` at once) or a ``runtime.CanaryQwen``. ``progress(n)``: n more segments done;
+    ``on_plan(n)``: the number of segments, once known. Raises what the segments' requests raise."""
     wave = load_audio(audio, sample_rate)
-    cuts, name = plan_segments(wave, max_segment_s, vad, pad_s)
+    score, name = speech_scores(wave, vad)
+    cuts = cut_points(score, len(wave), max_segment_s, settings or VadSettings(pad_s=pad_s))
     if on_plan is not None:
         on_plan(len(cuts))
-    results = _transcribe_pieces(asr, [wave[a:b] for a, b in cuts], max_new_tokens, progress)
-    segments = []
-    for (a, b), r in zip(cuts, results):
-        if r.finish_reason == "length":
-            log.warning("segment %.2f-%.2f s reached max_new_tokens: its text is cut short", a / TARGET_RATE,
-                        b / TARGET_RATE)
-        segments.append(Segment(a / TARGET_RATE, b / TARGET_RATE, r.text, list(r.token_ids), r.finish_reason))
-    text = " ".join(s.text for s in segments if s.text)
-    return LongTranscription(text, segments, len(wave) / TARGET_RATE, name)
+    results = _transcribe_pieces(asr, [wave[a:b] for a, b in cuts], max_new_tokens, progress, window)
+    segments = segments_from(cuts, results, score)
+    return LongTranscription(join_texts(s.text for s in segments), segments, len(wave) / TARGET_RATE, name)
 
 
 # ---- output formats ---------------------------------------------------------------------------------------------
@@ -291,62 +481,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vad", choices=VADS, default="auto",
                         help="what finds the pauses: silero (extra 'longform'), energy, none (fixed windows); "
                              "auto: silero when installed, else energy")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``canary-trt transcribe --long-form``: the arguments of ``transcribe`` (``cli.add_engine_arguments``, files,
-    output_format, no_progress) plus ``add_arguments``'; ``args.output_format``: text | jsonl | json | srt | vtt.
-    One file: the output on stdout; several: text and jsonl as ``transcribe`` prints them, json/srt/vtt each
-    written next to its audio (FILE.srt, ...)."""
-    from .audio import AudioError
-    from .options import engine_kwargs
-    from .engine import Engine
-
-    fmt = args.output_format
-    try:
-        kwargs = engine_kwargs(args)
-        # room for the longest segment: 12.5 audio frames per second, the prompt's text and the new tokens
-        kwargs["max_seq_len"] = max(kwargs["max_seq_len"], int(args.max_segment_seconds * 12.5) + 64 +
-                                    kwargs["max_new_tokens"])
-        engine = Engine.from_pretrained(**kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: cannot load the model: {e}", file=sys.stderr)
-        return 2
-    failed = 0
-    try:
-        for f in args.files:
-            bar = None
-            if not getattr(args, "no_progress", False):
-                from tqdm import tqdm
-
-                bar = tqdm(unit="segment", desc=os.path.basename(f), file=sys.stderr, leave=False)
-            try:
-                t = transcribe_long(engine, f, max_segment_s=args.max_segment_seconds, vad=args.vad,
-                                    progress=None if bar is None else bar.update,
-                                    on_plan=None if bar is None else (lambda n, bar=bar: setattr(bar, "total", n)))
-            except (AudioError, ValueError, RuntimeError) as e:
-                failed += 1
-                print(f"error: {f}: {e}", file=sys.stderr)
-                if fmt == "jsonl":
-                    print(json.dumps({"audio": f, "error": str(e)}, ensure_ascii=False))
-                continue
-            finally:
-                if bar is not None:  # (a tqdm has no truth value before its total is known)
-                    bar.close()
-            if fmt in ("text", "jsonl"):
-                if fmt == "jsonl":
-                    print(json.dumps({"audio": f, **t.as_dict()}, ensure_ascii=False))
-                else:
-                    print(t.text if len(args.files) == 1 else f"{f}\t{t.text}")
-                continue
-            body = {"json": to_json, "srt": to_srt, "vtt": to_vtt}[fmt](t)
-            if len(args.files) == 1:
-                sys.stdout.write(body if fmt != "json" else body + "\n")
-            else:
-                out = Path(f).with_suffix("." + fmt)
-                out.write_text(body if fmt != "json" else body + "\n", encoding="utf-8")
-                print(f"{f}\t{out}", file=sys.stderr)
-    finally:
-        engine.close()
-    sys.stdout.flush()
-    return 1 if failed else 0

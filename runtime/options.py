@@ -39,20 +39,28 @@ class EngineOptions:
     encode_ahead_mb: float = 512.0
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or folder of the release (default: %(default)s)")
-    p.add_argument("--llm", default=None,
-                   help="base LLM hub id or folder (config + tokenizer); default: pretrained_llm of config.json")
+def add_model_arguments(p: argparse.ArgumentParser, repeatable_model: bool = False) -> None:
+    """``repeatable_model``: ``--model`` and ``--llm`` may be given several times (lists; ``serve``)."""
+    if repeatable_model:
+        p.add_argument("--model", action="append", default=None,
+                       help=f"hub id or folder of the release; repeat to serve several (default: {DEFAULT_MODEL})")
+        p.add_argument("--llm", action="append", default=None,
+                       help="base LLM hub id or folder (config + tokenizer), once for all models or once per "
+                            "--model; default: pretrained_llm of config.json")
+    else:
+        p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or folder of the release (default: %(default)s)")
+        p.add_argument("--llm", default=None,
+                       help="base LLM hub id or folder (config + tokenizer); default: pretrained_llm of config.json")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when present)")
     p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--merge-lora", action="store_true", help="fold LoRA into the weights (faster, not bit-exact)")
 
 
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+def add_engine_arguments(p: argparse.ArgumentParser, repeatable_model: bool = False) -> None:
     """Model, backends and EngineOptions: shared by ``transcribe``, ``serve``, ``triton-repo`` and ``bench``."""
     d = EngineOptions()
-    add_model_arguments(p)
+    add_model_arguments(p, repeatable_model)
     p.add_argument("--encoder", choices=["auto", "torch", "onnx", "tensorrt"], default="auto",
                    help="encoder backend (default: the best that --artifacts allows here, else torch)")
     p.add_argument("--artifacts", default=None, metavar="DIR", help="encoder artifacts (build/export_encoder.py)")

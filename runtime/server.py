@@ -30,13 +30,17 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
-from .common import TRAINED_MAX_SECONDS
 from .audio import TARGET_RATE, AudioError, AudioTooLong, load_audio
+from engine.checkpoint import DEFAULT_MODEL
+
+from .common import TRAINED_MAX_SECONDS
 from .engine import EngineClosed, QueueFull
-from .options import EngineOptions
+from .longform import (InOrder, LongTranscription, Segment, VadSettings, avg_logprob, compression_ratio, cut_points,
+                       join_texts, no_speech_prob, segments_from, speech_scores, to_srt, to_vtt)
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +49,45 @@ FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields around th
 API_KEY_ENV = "CANARY_TRT_API_KEY"
 OPEN_PATHS = ("/health", "/ready")  # probes answer without the API key
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DEFAULT_MAX_AUDIO_SECONDS = 3 * 3600.0
+# OpenAI's form fields (lists sent as `name[]`, objects as `name[key]`); any other field is a 400, never ignored
+FIELDS = ("file", "model", "response_format", "stream", "language", "prompt", "temperature", "include",
+          "timestamp_granularities", "chunking_strategy")
+SERVER_VAD_KEYS = {"type", "threshold", "prefix_padding_ms", "silence_duration_ms"}
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    model_name: str = "canary-qwen-2.5b"  # the id clients pass as `model` and /v1/models lists
+    model_name: str = "canary-qwen-2.5b"  # the id clients pass as `model` (one engine; several: a dict to create_app)
     max_upload_bytes: int = 25 * 1024 * 1024  # OpenAI's own upload limit
-    max_audio_seconds: float = TRAINED_MAX_SECONDS  # longer audio -> 413; raise it to accept long-form audio
+    max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS  # longer audio -> 413 (decoding stops there)
     # Audio longer than this is transcribed long-form: cut at pauses into segments of at most this long
     # (runtime.longform), each an ordinary engine request; verbose_json/srt/vtt then carry one entry per segment.
     long_form_seconds: float = TRAINED_MAX_SECONDS
+    # Segments of one long-form request in the engine at once (the next goes in as one finishes), so one long
+    # upload cannot fill the batch while short requests wait. None: a quarter of the engine's max_batch_size.
+    long_form_window: int | None = None
     retry_after_s: int = 1  # Retry-After of 429 (queue full) and 503 (shutting down)
     api_key: str | None = field(default=None, repr=False)  # None: no authentication; never printed
 
     def __post_init__(self):
         if self.api_key is not None and not self.api_key:
             raise ValueError("the API key is empty")  # would otherwise accept a bare "Bearer"
+        if self.long_form_window is not None and self.long_form_window < 1:
+            raise ValueError(f"long_form_window must be >= 1, got {self.long_form_window}")
+
+
+@dataclass
+class TranscriptionRequest:
+    """A checked ``POST /v1/audio/transcriptions`` form."""
+
+    data: bytes
+    filename: str  # names the upload in error messages
+    model: str
+    fmt: str = "json"
+    stream: bool = False
+    logprobs: bool = False  # include[]=logprobs
+    chunking: VadSettings | None = None  # chunking_strategy given: always segment with these settings
 
 
 class ApiError(Exception):
@@ -121,39 +148,102 @@ async def _disconnected(receive) -> None:
         pass
 
 
-def format_transcription(fmt: str, text: str, duration: float, token_ids: list[int]):
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's alphabet inverted: a token's characters -> its bytes. Printable Latin-1 bytes stand for
+    themselves; every other byte b is shown as chr(256 + its rank among those others)."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in shown]
+    return {**{chr(b): b for b in shown}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def token_logprobs(tokenizer, token_ids: list[int], logprobs: list[float]) -> list[dict]:
+    """OpenAI's ``logprobs`` list: {token, logprob, bytes} per generated token. A token may hold part of a
+    UTF-8 character: ``bytes`` is exact, ``token`` then shows U+FFFD for the incomplete part."""
+    raw_tokenizer = getattr(tokenizer, "_tok", None)
+    decoder = _byte_decoder()
+    out = []
+    for i, lp in zip(token_ids, logprobs):
+        raw = raw_tokenizer.id_to_token(i) if raw_tokenizer is not None else None
+        if raw and all(c in decoder for c in raw):
+            data = bytes(decoder[c] for c in raw)
+        else:  # a special or added token, or a tokenizer of another kind
+            data = tokenizer.decode([i]).encode("utf-8")
+        out.append({"token": data.decode("utf-8", errors="replace"), "logprob": float(lp), "bytes": list(data)})
+    return out
+
+
+def _segment(i: int, start: float, end: float, text: str, tokens: list[int], logprobs: list[float] | None,
+             no_speech: float | None) -> dict:
+    """One verbose_json segment, with every field OpenAI marks required. ``seek`` is the start in Whisper's
+    units (10 ms mel frames); ``avg_logprob`` is None only when the decoder gives no log-probabilities."""
+    return {"id": i, "seek": round(start * 100), "start": start, "end": end, "text": text, "tokens": tokens,
+            "temperature": 0.0, "avg_logprob": None if logprobs is None else avg_logprob(logprobs),
+            "compression_ratio": compression_ratio(text), "no_speech_prob": no_speech}
+
+
+def format_transcription(fmt: str, text: str, duration: float, token_ids: list[int], logprobs=None,
+                         no_speech: float | None = None):
     """The body of a finished transcription in ``fmt``: a dict (JSON) or a string. The model gives no timestamps,
-    so verbose_json, srt and vtt have one segment spanning the whole audio."""
+    so verbose_json, srt and vtt have one segment spanning the whole audio. ``logprobs``: the token
+    log-probabilities (verbose_json's avg_logprob); ``no_speech``: the VAD's no-speech probability."""
     if fmt == "json":
         return {"text": text, "usage": {"type": "duration", "seconds": duration}}
     if fmt == "text":
         return text + "\n"
     if fmt == "verbose_json":
-        segment = {"id": 0, "seek": 0, "start": 0.0, "end": duration, "text": text, "tokens": token_ids,
-                   "temperature": 0.0}  # greedy decoding
         return {"task": "transcribe", "language": "english", "duration": duration, "text": text,
-                "segments": [segment], "usage": {"type": "duration", "seconds": duration}}
+                "segments": [_segment(0, 0.0, duration, text, token_ids, logprobs, no_speech)],
+                "usage": {"type": "duration", "seconds": duration}}
     if fmt in ("srt", "vtt"):
-        from .longform import LongTranscription, Segment, to_srt, to_vtt
-
         whole = LongTranscription(text, [Segment(0.0, duration, text, token_ids, "stop")], duration, "none")
         return to_srt(whole) if fmt == "srt" else to_vtt(whole)
     raise ValueError(fmt)
 
 
-class _Metrics:
-    """Prometheus metrics in a registry of their own (several apps may live in one process)."""
+def _token_usage(engine, pieces: list[int], output_tokens: int) -> dict | None:
+    """OpenAI's token usage (``transcript.text.done``): prompt tokens (text + audio frames) of each of
+    ``pieces`` (sample counts) and the tokens generated; None for an engine that cannot count them."""
+    try:
+        ids = engine.tokenizer.prompt_ids(engine.options.prompt)
+        prompts = [engine.prompt_tokens(n, ids) for n in pieces]
+    except AttributeError:
+        return None
+    text = (len(ids) - 1) * len(pieces)  # the audio tag is replaced by the audio frames
+    inputs = sum(prompts)
+    return {"type": "tokens", "input_tokens": inputs, "output_tokens": output_tokens,
+            "total_tokens": inputs + output_tokens,
+            "input_token_details": {"text_tokens": text, "audio_tokens": inputs - text}}
 
-    def __init__(self, engine):
+
+def _decoder_has_logprobs(engine) -> bool:
+    return getattr(getattr(engine, "decoder", None), "logprobs", None) is not None
+
+
+class _Metrics:
+    """Prometheus metrics in a registry of their own (several apps may live in one process). Gauges sum over
+    the served engines; long-form segments are counted apart from whole requests."""
+
+    def __init__(self, engines: dict, runs: set):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+        def total(key):
+            return lambda: sum(e.stats()[key] for e in engines.values())
+
         r = self.registry = CollectorRegistry()
-        Gauge("canary_queue_depth", "Requests accepted and waiting for admission", registry=r).set_function(
-            lambda: engine.stats()["queued"])
+        Gauge("canary_queue_depth", "Requests (and long-form segments) accepted and waiting for admission",
+              registry=r).set_function(total("queued"))
         Gauge("canary_running_sequences", "Sequences in the running batch", registry=r).set_function(
-            lambda: engine.stats()["running"])
-        Gauge("canary_kv_blocks_used", "KV cache blocks in use", registry=r).set_function(
-            lambda: engine.stats()["kv_blocks_used"])
+            total("running"))
+        Gauge("canary_kv_blocks_used", "KV cache blocks in use", registry=r).set_function(total("kv_blocks_used"))
+        Gauge("canary_long_form_requests", "Long-form requests being transcribed", registry=r).set_function(
+            lambda: len(runs))
+        Gauge("canary_long_form_segments_waiting", "Long-form segments planned, not yet submitted to the engine",
+              registry=r).set_function(lambda: sum(run.waiting for run in runs))
+        Gauge("canary_long_form_segments_in_flight", "Long-form segments in the engine (queued or running)",
+              registry=r).set_function(lambda: sum(run.in_flight for run in runs))
+        self.segments = Counter("canary_long_form_segments_finished", "Long-form segments by finish reason",
+                                ["reason"], registry=r)
         self.in_progress = Gauge("canary_requests_in_progress", "HTTP transcription requests being served",
                                  registry=r)
         self.latency = Histogram("canary_request_latency_seconds", "Upload received to last token",
@@ -176,8 +266,130 @@ class _Metrics:
                 self.ttft.observe(handle.first_token_at - t0)
 
 
+def _number(value, name: str, lo: float, hi: float) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = float("nan")
+    if not lo <= x <= hi:  # (NaN fails too)
+        raise ApiError(400, f"{name} must be a number from {lo:g} to {hi:g}, got {value!r}", "invalid_" + name,
+                       name)
+    return x
+
+
+def _chunking(value, parts: dict) -> VadSettings:
+    """``chunking_strategy``: "auto", or a server_vad object (as JSON text, or as the fields
+    ``chunking_strategy[key]`` that the openai client sends)."""
+    param = "chunking_strategy"
+    if parts:
+        obj = parts
+    elif value == "auto":
+        return VadSettings()
+    else:
+        try:
+            obj = json.loads(value)
+        except (TypeError, ValueError):
+            obj = None
+        if not isinstance(obj, dict):
+            raise ApiError(400, f"chunking_strategy must be 'auto' or a server_vad object, got {value!r}",
+                           "invalid_chunking_strategy", param)
+    if obj.get("type") != "server_vad" or set(obj) - SERVER_VAD_KEYS:
+        raise ApiError(400, f"chunking_strategy must be 'auto' or {{'type': 'server_vad', 'threshold', "
+                            f"'prefix_padding_ms', 'silence_duration_ms'}}, got {obj!r}", "invalid_chunking_strategy",
+                       param)
+    threshold = _number(obj.get("threshold", 0.5), "threshold", 0.0, 1.0)
+    if threshold == 0:
+        raise ApiError(400, "chunking_strategy threshold must be above 0", "invalid_threshold", param)
+    pad = _number(obj.get("prefix_padding_ms", 300), "prefix_padding_ms", 0, 10_000)
+    silence = _number(obj.get("silence_duration_ms", 200), "silence_duration_ms", 0, 60_000)
+    return VadSettings(threshold=threshold, pad_s=pad / 1000, min_silence_s=silence / 1000)
+
+
+def parse_form(form, engines: dict, default_model: str) -> TranscriptionRequest:
+    """Check every field of the transcription form; an unknown, unsupported or malformed one is an ApiError
+    naming it (the upload's bytes are read by the caller)."""
+    from starlette.datastructures import UploadFile
+
+    values: dict[str, list] = {}
+    chunk_parts: dict = {}
+    for key, value in form.multi_items():
+        name = key[:-2] if key.endswith("[]") else key
+        if name.startswith("chunking_strategy[") and name.endswith("]"):
+            chunk_parts[name[len("chunking_strategy["):-1]] = value
+            continue
+        values.setdefault(name, []).append(value)
+    uploads = [k for k, v in values.items() if isinstance(v[0], UploadFile)]
+    if "file" not in uploads:
+        misnamed = f" (got a file as {uploads[0]!r})" if uploads else ""
+        raise ApiError(400, f"missing the audio upload: send it as the multipart file field 'file'{misnamed}",
+                       "missing_file", "file")
+    for name in values:
+        if name not in FIELDS:
+            raise ApiError(400, f"unrecognized request argument {name!r}", "unknown_parameter", name)
+
+    def one(name, default=None):
+        v = values.get(name)
+        if v and len(v) > 1:
+            raise ApiError(400, f"{name} given {len(v)} times", "invalid_" + name, name)
+        return v[0] if v else default
+
+    upload = one("file")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(400, "missing the audio upload: send it as the multipart file field 'file'", "missing_file",
+                       "file")
+    model = one("model") or default_model
+    if model not in engines:
+        raise ApiError(404, f"model {model!r} does not exist; this server serves {', '.join(map(repr, engines))}",
+                       "model_not_found", "model")
+    fmt = one("response_format") or "json"
+    if fmt not in RESPONSE_FORMATS:
+        raise ApiError(400, f"response_format {fmt!r} is not one of {', '.join(RESPONSE_FORMATS)}",
+                       "invalid_response_format", "response_format")
+    stream = str(one("stream") or "false").lower()
+    if stream not in ("true", "false"):
+        raise ApiError(400, f"stream must be true or false, got {stream!r}", "invalid_stream", "stream")
+    language = str(one("language") or "en").lower()
+    if language not in ("en", "english"):
+        raise ApiError(400, f"language {language!r} is not supported: this model transcribes English",
+                       "unsupported_language", "language")
+    if str(one("prompt") or "").strip():
+        # The LLM could take text context, but its effect on accuracy is not validated: not offered.
+        raise ApiError(400, "prompt is not supported: this server does not pass text context to the model "
+                            "(its effect on accuracy is not validated); leave it out", "unsupported_prompt", "prompt")
+    temperature = one("temperature")
+    if temperature is not None and _number(temperature, "temperature", 0.0, 1.0) > 0:
+        raise ApiError(400, "temperature above 0 (sampling) is not supported: decoding is greedy; send 0 or "
+                            "leave it out", "unsupported_temperature", "temperature")
+    include = [str(v) for v in values.get("include", [])]
+    for v in include:
+        if v != "logprobs":
+            raise ApiError(400, f"include {v!r} is not supported (only 'logprobs')", "invalid_include", "include")
+    if include and fmt != "json":
+        raise ApiError(400, "include[]=logprobs needs response_format json", "invalid_include", "include")
+    for g in values.get("timestamp_granularities", []):
+        if g == "word":
+            raise ApiError(400, "word timestamps are not available from this model (Canary-Qwen gives no "
+                                "timestamps); 'segment' is supported", "unsupported_timestamp_granularity",
+                           "timestamp_granularities")
+        if g != "segment":
+            raise ApiError(400, f"timestamp_granularities {g!r} is not one of word, segment",
+                           "invalid_timestamp_granularity", "timestamp_granularities")
+        if fmt != "verbose_json":
+            raise ApiError(400, "timestamp_granularities needs response_format verbose_json",
+                           "invalid_timestamp_granularity", "timestamp_granularities")
+    strategy = one("chunking_strategy")
+    chunking = _chunking(strategy, chunk_parts) if strategy is not None or chunk_parts else None
+    return TranscriptionRequest(b"", upload.filename or "upload", model, fmt, stream == "true", bool(include),
+                                chunking)
+
+
+def _sse(event: dict) -> str:
+    return f"data: {json.dumps(event)}\n\n"
+
+
 def create_app(engine, settings: ServerSettings = ServerSettings()):
-    """The FastAPI app serving ``engine``. Its shutdown drains and closes the engine."""
+    """The FastAPI app serving ``engine`` under ``settings.model_name``, or a dict {served name: engine} (the
+    first is the default for requests without ``model``). Its shutdown drains and closes the engines."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -186,7 +398,12 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
 
-    metrics = _Metrics(engine)
+    engines = dict(engine) if isinstance(engine, dict) else {settings.model_name: engine}
+    if not engines:
+        raise ValueError("no engine to serve")
+    default_model = next(iter(engines))
+    runs: set = set()  # long-form runs in progress
+    metrics = _Metrics(engines, runs)
     state = {"ready": False}
 
     @asynccontextmanager
@@ -194,8 +411,9 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
         state["ready"] = True
         yield
         state["ready"] = False  # uvicorn has already waited for in-flight requests
-        await asyncio.to_thread(engine.close)
-        log.info("engine drained and closed")
+        for e in engines.values():
+            await asyncio.to_thread(e.close)
+        log.info("engines drained and closed")
 
     app = FastAPI(title="canary-trt", lifespan=lifespan)
 
@@ -227,19 +445,28 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
     async def ready():
         if not state["ready"]:
             return JSONResponse({"status": "not ready"}, status_code=503)
-        return {"status": "ready", "model": settings.model_name, **engine.stats()}
+        stats = {k: sum(e.stats()[k] for e in engines.values()) for k in engines[default_model].stats()}
+        return {"status": "ready", "model": default_model, "models": list(engines), **stats}
 
     @app.get("/metrics")
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "canary-trt"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "canary-trt"}]}
+        return {"object": "list", "data": [model_card(name) for name in engines]}
 
-    async def read_request(request: Request) -> tuple[bytes, str, bool]:
-        """The uploaded bytes, response format and stream flag, or ApiError naming what is wrong."""
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id not in engines:
+            return error_response(ApiError(404, f"model {model_id!r} does not exist; this server serves "
+                                                f"{', '.join(map(repr, engines))}", "model_not_found", "model"))
+        return model_card(model_id)
+
+    async def read_form(request: Request):
         limit = settings.max_upload_bytes + FORM_OVERHEAD
         too_large = ApiError(413, f"upload larger than the limit of {settings.max_upload_bytes} bytes",
                              "upload_too_large", "file")
@@ -247,77 +474,160 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
         if declared.isdigit() and int(declared) > limit:
             raise too_large  # answered without reading the body
         try:
-            form = await Request(request.scope, _limit_body(request.receive, limit)).form(max_files=1,
-                                                                                           max_fields=32)
+            return await Request(request.scope, _limit_body(request.receive, limit)).form(max_files=1,
+                                                                                          max_fields=64)
         except _BodyTooLarge:
             raise too_large from None
+
+    async def read_request(request: Request) -> TranscriptionRequest:
+        """The checked form with the uploaded bytes, or ApiError naming what is wrong."""
+        form = await read_form(request)
         try:
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise ApiError(400, "missing the audio upload: send it as the multipart file field 'file'",
-                               "missing_file", "file")
-            model = form.get("model") or settings.model_name
-            if model != settings.model_name:
-                raise ApiError(404, f"model {model!r} does not exist; this server serves {settings.model_name!r}",
-                               "model_not_found", "model")
-            fmt = form.get("response_format") or "json"
-            if fmt not in RESPONSE_FORMATS:
-                raise ApiError(400, f"response_format {fmt!r} is not one of {', '.join(RESPONSE_FORMATS)}",
-                               "invalid_response_format", "response_format")
-            stream = str(form.get("stream") or "false").lower()
-            if stream not in ("true", "false"):
-                raise ApiError(400, f"stream must be true or false, got {stream!r}", "invalid_stream", "stream")
-            language = str(form.get("language") or "en").lower()
-            if language not in ("en", "english"):
-                raise ApiError(400, f"language {language!r} is not supported: this model transcribes English",
-                               "unsupported_language", "language")
-            data = await upload.read()
+            req = parse_form(form, engines, default_model)
+            req.data = await form.get("file").read()
         finally:
             await form.close()
-        if len(data) > settings.max_upload_bytes:
-            raise too_large
-        return data, fmt, stream == "true"
+        if len(req.data) > settings.max_upload_bytes:
+            raise ApiError(413, f"{req.filename}: upload larger than the limit of {settings.max_upload_bytes} "
+                                f"bytes", "upload_too_large", "file")
+        return req
 
-    async def decode(data: bytes) -> np.ndarray:
+    @app.post("/v1/audio/translations")
+    async def translations(request: Request):
+        try:
+            await (await read_form(request)).close()  # read the upload, so the client gets the answer
+        except ApiError:
+            pass
+        return error_response(ApiError(400, "this model transcribes English; it does not translate (use "
+                                            "/v1/audio/transcriptions)", "unsupported_task"))
+
+    async def decode(req: TranscriptionRequest) -> np.ndarray:
         try:  # decoding is CPU work: off the event loop; it stops past the limit (compressed silence is tiny)
-            return await asyncio.to_thread(load_audio, data, max_seconds=settings.max_audio_seconds)
+            return await asyncio.to_thread(load_audio, req.data, max_seconds=settings.max_audio_seconds,
+                                           name=req.filename)
         except AudioTooLong:
-            raise ApiError(413, f"audio is longer than the limit of {settings.max_audio_seconds:g} s: split it",
-                           "audio_too_long", "file") from None
+            raise ApiError(413, f"{req.filename}: audio is longer than the limit of "
+                                f"{settings.max_audio_seconds:g} s: split it", "audio_too_long", "file") from None
         except AudioError as e:
             raise ApiError(400, f"invalid audio file: {e}", "invalid_audio", "file") from None
 
-    async def long_form(wave: np.ndarray, fmt: str, stream: bool):
-        """Segments through the engine (in a worker thread: transcribe_long waits on their results)."""
-        from .longform import to_srt, to_vtt, transcribe_long
+    def submit_error(e: Exception) -> ApiError:
+        if isinstance(e, QueueFull):
+            return ApiError(429, f"server busy: {e}", "queue_full", retry_after=settings.retry_after_s)
+        if isinstance(e, EngineClosed):
+            return ApiError(503, str(e), "shutting_down", retry_after=settings.retry_after_s)
+        if isinstance(e, ValueError):  # (AudioTooLong included) too long for max_seq_len or the KV pool
+            return ApiError(413, str(e), "audio_too_long", "file")
+        return failed(e)
 
-        try:
-            t = await asyncio.to_thread(transcribe_long, engine, wave, TARGET_RATE,
-                                        max_segment_s=settings.long_form_seconds)
-        except QueueFull as e:
-            raise ApiError(429, f"server busy: {e}", "queue_full", retry_after=settings.retry_after_s) from None
-        except Exception as e:
-            raise failed(e) from None
-        usage = {"type": "duration", "seconds": t.duration}
-        if stream:  # one delta per segment, then the whole text
+    def failed(e: Exception) -> ApiError:
+        log.error("transcription failed: %s", e)
+        return ApiError(500, f"transcription failed: {e}", "internal_error")
+
+    def logprobs_body(engine, token_ids, logprobs):
+        if logprobs is None:
+            raise ApiError(400, "logprobs not available from this decoder", "logprobs_unavailable", "include")
+        return token_logprobs(engine.tokenizer, token_ids, logprobs)
+
+    async def long_form(engine, req: TranscriptionRequest, wave: np.ndarray, request: Request):
+        """Segments through the engine, at most ``window`` at once, delivered in order as they finish."""
+        score, vad = await asyncio.to_thread(speech_scores, wave)
+        cuts = cut_points(score, len(wave), settings.long_form_seconds, req.chunking or VadSettings())
+        loop = asyncio.get_running_loop()
+        results: asyncio.Queue = asyncio.Queue()
+
+        def on_item(i, r):
+            if not isinstance(r, BaseException):
+                metrics.segments.labels(r.finish_reason).inc()
+                metrics.tokens.inc(len(r.token_ids))
+            results.put_nowait((i, r))
+
+        def on_done():
+            runs.discard(run)
+            results.put_nowait(None)
+
+        window = settings.long_form_window or max(1, engine.options.max_batch_size // 4)
+        run = InOrder(lambda piece, cb: engine.submit(piece, TARGET_RATE, on_delta=cb), [wave[a:b] for a, b in cuts],
+                      window, on_item, on_done, call=loop.call_soon_threadsafe)
+        runs.add(run)
+        run.start()
+
+        async def segments():
+            """Each segment's Transcription in order; an ApiError for the first failure (the rest cancelled)."""
+            while (item := await results.get()) is not None:
+                if isinstance(item[1], BaseException):
+                    run.cancel()
+                    raise submit_error(item[1])
+                yield item[1]
+
+        def whole(done: list) -> LongTranscription:
+            t = LongTranscription(join_texts(r.text for r in done), segments_from(cuts, done, score),
+                                  len(wave) / TARGET_RATE, vad)
+            metrics.audio.inc(t.duration)
+            return t
+
+        def logprobs(done: list):
+            if any(r.logprobs is None for r in done):
+                return logprobs_body(engine, [], None)
+            return logprobs_body(engine, [i for r in done for i in r.token_ids], [x for r in done for x in r.logprobs])
+
+        def usage(done: list):
+            return _token_usage(engine, [b - a for a, b in cuts], sum(len(r.token_ids) for r in done)) or \
+                {"type": "duration", "seconds": len(wave) / TARGET_RATE}
+
+        if req.stream:  # each segment's text once it and all before it are done; spaces lead, never trail
             async def events():
-                for seg in (s for s in t.segments if s.text):
-                    yield f"data: {json.dumps({'type': 'transcript.text.delta', 'delta': seg.text + ' '})}\n\n"
-                yield f"data: {json.dumps({'type': 'transcript.text.done', 'text': t.text})}\n\n"
+                done, sent = [], False
+                try:
+                    async for r in segments():
+                        done.append(r)
+                        if r.text:
+                            yield _sse({"type": "transcript.text.delta", "delta": (" " if sent else "") + r.text})
+                            sent = True
+                    t = whole(done)
+                    event = {"type": "transcript.text.done", "text": t.text, "usage": usage(done)}
+                    if req.logprobs:
+                        event["logprobs"] = logprobs(done)
+                    yield _sse(event)
+                except ApiError as e:  # OpenAI's error event
+                    metrics.errors.labels(e.kind).inc()
+                    yield _sse(e.body())
+                finally:
+                    if not run.done:  # the client went away: cancel every segment, queued or running
+                        run.cancel()
+                        metrics.errors.labels("client_disconnected").inc()
+                    metrics.in_progress.dec()
             return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        if fmt in ("srt", "vtt"):
-            return PlainTextResponse(to_srt(t) if fmt == "srt" else to_vtt(t),
-                                     media_type="text/vtt" if fmt == "vtt" else "text/plain")
-        if fmt == "text":
-            return PlainTextResponse(t.text + "\n")
-        if fmt == "json":
-            return JSONResponse({"text": t.text, "usage": usage})
-        segments = [{"id": i, "seek": 0, "start": s.start, "end": s.end, "text": s.text, "tokens": s.token_ids,
-                     "temperature": 0.0} for i, s in enumerate(t.segments)]
-        return JSONResponse({"task": "transcribe", "language": "english", "duration": t.duration, "text": t.text,
-                             "segments": segments, "usage": usage})
 
-    async def submit(wave: np.ndarray, t0: float):
+        async def collect():
+            return [r async for r in segments()]
+
+        collected = asyncio.ensure_future(collect())
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        await asyncio.wait({collected, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not collected.done():  # the client went away first: free the engine for the others
+            run.cancel()
+            collected.cancel()
+            raise ApiError(499, "client disconnected", "client_disconnected")
+        done = collected.result()  # raises the ApiError of a failed segment
+        t = whole(done)
+        if req.fmt in ("srt", "vtt"):
+            return PlainTextResponse(to_srt(t) if req.fmt == "srt" else to_vtt(t),
+                                     media_type="text/vtt" if req.fmt == "vtt" else "text/plain")
+        if req.fmt == "text":
+            return PlainTextResponse(t.text + "\n")
+        body = {"text": t.text, "usage": {"type": "duration", "seconds": t.duration}}
+        if req.fmt == "json":
+            if req.logprobs:
+                body["logprobs"] = logprobs(done)
+            return JSONResponse(body)
+        segs = [_segment(i, s.start, s.end, s.text, s.token_ids, s.logprobs, s.no_speech_prob)
+                for i, s in enumerate(t.segments)]
+        return JSONResponse({"task": "transcribe", "language": "english", "duration": t.duration, "text": t.text,
+                             "segments": segs, **body})
+
+    async def submit(engine, wave: np.ndarray, t0: float):
         """Queue decoded audio in the engine. Returns the handle and an asyncio queue of text deltas ending
         with None."""
         loop = asyncio.get_running_loop()
@@ -339,31 +649,33 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
 
         try:
             handle = engine.submit(wave, TARGET_RATE, on_delta=on_delta)
-        except QueueFull as e:
-            raise ApiError(429, f"server busy: {e}", "queue_full", retry_after=settings.retry_after_s) from None
-        except EngineClosed as e:
-            raise ApiError(503, str(e), "shutting_down", retry_after=settings.retry_after_s) from None
-        except ValueError as e:  # too long for max_seq_len or the KV pool
-            raise ApiError(413, str(e), "audio_too_long", "file") from None
+        except (QueueFull, EngineClosed, ValueError) as e:
+            raise submit_error(e) from None
         return handle, deltas
 
-    def failed(e: Exception) -> ApiError:
-        log.error("transcription failed: %s", e)
-        return ApiError(500, f"transcription failed: {e}", "internal_error")
-
-    async def sse(handle, deltas: asyncio.Queue):
+    async def sse(engine, req, handle, deltas: asyncio.Queue, n_samples: int):
         # Starlette cancels this generator when the client disconnects: `finally` then cancels the request.
         try:
             while (delta := await deltas.get()) is not None:
-                yield f"data: {json.dumps({'type': 'transcript.text.delta', 'delta': delta})}\n\n"
+                yield _sse({"type": "transcript.text.delta", "delta": delta})
             try:
                 result = handle.result(0)
             except Exception as e:  # the engine failed it: tell the client in the stream (OpenAI's error event)
                 error = failed(e)
                 metrics.errors.labels(error.kind).inc()
-                yield f"data: {json.dumps(error.body())}\n\n"
+                yield _sse(error.body())
                 return
-            yield f"data: {json.dumps({'type': 'transcript.text.done', 'text': result.text})}\n\n"
+            event = {"type": "transcript.text.done", "text": result.text,
+                     "usage": _token_usage(engine, [n_samples], len(result.token_ids)) or
+                     {"type": "duration", "seconds": result.duration}}
+            if req.logprobs:
+                try:
+                    event["logprobs"] = logprobs_body(engine, result.token_ids, result.logprobs)
+                except ApiError as e:
+                    metrics.errors.labels(e.kind).inc()
+                    yield _sse(e.body())
+                    return
+            yield _sse(event)
         finally:
             if not handle.done():
                 handle.cancel()
@@ -375,15 +687,22 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
         metrics.in_progress.inc()
         streaming = False
         try:
-            data, fmt, stream = await read_request(request)
+            req = await read_request(request)
+            engine = engines[req.model]
+            if req.logprobs and not _decoder_has_logprobs(engine):  # refused before any work
+                raise ApiError(400, "logprobs not available from this decoder", "logprobs_unavailable", "include")
             t0 = time.perf_counter()
-            wave = await decode(data)
-            if len(wave) > settings.long_form_seconds * TARGET_RATE:
-                return await long_form(wave, fmt, stream)
-            handle, deltas = await submit(wave, t0)
-            if stream:
+            wave = await decode(req)
+            if req.chunking is not None or len(wave) > settings.long_form_seconds * TARGET_RATE:
+                streaming = req.stream  # the event generator owns in_progress from here
+                return await long_form(engine, req, wave, request)
+            scores = None
+            if req.fmt == "verbose_json":  # no_speech_prob: the VAD over the clip, while the engine works
+                scores = asyncio.ensure_future(asyncio.to_thread(speech_scores, wave))
+            handle, deltas = await submit(engine, wave, t0)
+            if req.stream:
                 streaming = True  # the generator owns in_progress from here
-                return StreamingResponse(sse(handle, deltas), media_type="text/event-stream",
+                return StreamingResponse(sse(engine, req, handle, deltas, len(wave)), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
             finished = asyncio.ensure_future(_wait_end(deltas))
             gone = asyncio.ensure_future(_disconnected(request.receive))
@@ -397,11 +716,19 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
                 result = handle.result(0)
             except Exception as e:
                 raise failed(e) from None
-            body = format_transcription(fmt, result.text, result.duration, result.token_ids)
+            no_speech = None
+            if scores is not None:
+                score, _ = await scores
+                no_speech = no_speech_prob(score, 0, len(wave))
+            body = format_transcription(req.fmt, result.text, result.duration, result.token_ids, result.logprobs,
+                                        no_speech)
+            if req.logprobs:
+                body["logprobs"] = logprobs_body(engine, result.token_ids, result.logprobs)
             if isinstance(body, dict):
                 return JSONResponse(body)
-            return PlainTextResponse(body, media_type="text/vtt" if fmt == "vtt" else "text/plain")
+            return PlainTextResponse(body, media_type="text/vtt" if req.fmt == "vtt" else "text/plain")
         except ApiError as e:
+            streaming = False
             return error_response(e)
         finally:
             if not streaming:
@@ -421,18 +748,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``canary-trt serve``."""
     from .options import add_engine_arguments
 
-    add_engine_arguments(parser)
+    add_engine_arguments(parser, repeatable_model=True)
     d = ServerSettings()
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--served-model-name", default=d.model_name, help="the `model` clients pass (%(default)s)")
+    parser.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
+                        help=f"the `model` clients pass, one per --model, in order (default: {d.model_name} for "
+                             f"the first, the folder or hub name for the others)")
     parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20,
                         help="larger uploads get 413 (default: %(default)s)")
     parser.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds,
-                        help="longer audio gets 413; raise it (e.g. 3600) to accept long audio (default: %(default)s)")
+                        help="longer audio gets 413 (default: %(default)s = 3 hours; a decoded hour holds 230 MB)")
     parser.add_argument("--long-form-seconds", type=float, default=d.long_form_seconds,
                         help="longer audio is cut at pauses into segments of at most this long, with timestamps "
                              "(default: %(default)s)")
+    parser.add_argument("--long-form-window", type=int, default=None, metavar="N",
+                        help="segments of one long-form request in the engine at once (default: a quarter of "
+                             "--max-batch-size), so long uploads cannot starve short requests")
     parser.add_argument("--drain-timeout", type=float, default=300.0,
                         help="seconds to let in-flight requests finish after SIGTERM (default: %(default)s)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
@@ -440,38 +772,112 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"which other users cannot read in the process list, unlike this flag")
 
 
+def bind(host: str, port: int):
+    """The listening socket, bound before the model loads: a busy port fails in a second, not after a minute."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart may reuse TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def serve(engine, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
-          drain_timeout: float | None = 300.0) -> None:
-    """Serve until SIGINT/SIGTERM; then finish in-flight requests (up to ``drain_timeout`` s) and close. uvicorn
-    re-raises the signal afterwards, so the process ends as terminated by it (what process managers expect)."""
+          drain_timeout: float | None = 300.0, sock=None) -> None:
+    """Serve ``engine`` (or a dict {served name: engine}) until SIGINT/SIGTERM; then finish in-flight requests
+    (up to ``drain_timeout`` s) and close. uvicorn re-raises the signal afterwards, so the process ends as
+    terminated by it (what process managers expect). ``sock``: a socket already bound (``bind``)."""
     import uvicorn
 
+    from .audio import quiet_decoder_logs
+
     app = create_app(engine, settings)
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=drain_timeout, log_level="info")
+    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=drain_timeout, log_level="info")
+    restore = quiet_decoder_logs()  # libmpg123 / FFmpeg chatter: counted, not one line per broken frame
+    try:
+        uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
+    finally:
+        restore()
 
 
 def server_settings(args: argparse.Namespace) -> ServerSettings:
     """ServerSettings from the ``serve`` arguments; the API key from --api-key, else the environment."""
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
-    return ServerSettings(model_name=args.served_model_name, max_upload_bytes=int(args.max_upload_mb * 2**20),
+    names = args.served_model_name or [ServerSettings.model_name]
+    return ServerSettings(model_name=names[0], max_upload_bytes=int(args.max_upload_mb * 2**20),
                           max_audio_seconds=args.max_audio_seconds, long_form_seconds=args.long_form_seconds,
-                          api_key=key)
+                          long_form_window=args.long_form_window, api_key=key)
+
+
+def served_models(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
+    """(served name, the arguments of one engine) per ``--model``: ``--served-model-name`` in order, then the
+    default name for the first and the last part of the folder or hub id for the others; ``--llm`` once for
+    all models or once per model."""
+    models = args.model if isinstance(args.model, list) else [args.model]
+    models = models or [DEFAULT_MODEL]
+    names = list(args.served_model_name or [])
+    llms = args.llm if isinstance(args.llm, list) else [args.llm]
+    if len(names) > len(models):
+        raise ValueError(f"{len(names)} --served-model-name for {len(models)} --model")
+    if len(llms) not in (0, 1, len(models)):
+        raise ValueError(f"give --llm once (for every model) or once per --model, not {len(llms)} times for "
+                         f"{len(models)} models")
+    for i in range(len(names), len(models)):
+        names.append(ServerSettings.model_name if i == 0 else os.path.basename(str(models[i]).rstrip("/\\")))
+    if len(set(names)) != len(names):
+        raise ValueError(f"served model names must differ: {names} (give --served-model-name for each --model)")
+    out = []
+    for i, (name, model) in enumerate(zip(names, models)):
+        ns = argparse.Namespace(**vars(args))
+        ns.model, ns.llm = model, (llms[i] if len(llms) == len(models) else (llms or [None])[0])
+        out.append((name, ns))
+    return out
+
+
+def load_engine(args: argparse.Namespace, long_form_seconds: float = TRAINED_MAX_SECONDS):
+    """The engine for one ``--model``, with room in max_seq_len for the longest long-form segment."""
+    from .engine import Engine
+    from .options import engine_kwargs
+
+    kwargs = engine_kwargs(args)
+    # 12.5 audio frames per second, the prompt's text and the new tokens
+    kwargs["max_seq_len"] = max(kwargs["max_seq_len"], int(long_form_seconds * 12.5) + 64 + kwargs["max_new_tokens"])
+    return Engine.from_pretrained(**kwargs)
 
 
 def run(args: argparse.Namespace) -> int:
-    """``canary-trt serve``."""
-    from .options import engine_kwargs
-    from .engine import Engine
+    """``canary-trt serve``: the port is bound first, then the models load."""
+    from .cli import model_error
 
     try:
         settings = server_settings(args)
+        models = served_models(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        engine = Engine.from_pretrained(**engine_kwargs(args))
-    except (OSError, ValueError) as e:
-        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e} (is another server running "
+              f"there? choose another --port)", file=sys.stderr)
         return 2
-    serve(engine, settings, args.host, args.port, args.drain_timeout)
+    engines = {}
+    try:
+        for name, ns in models:
+            try:
+                engines[name] = load_engine(ns, settings.long_form_seconds)
+            except (OSError, ValueError, RuntimeError, ImportError) as e:
+                print(f"error: {model_error(ns, e)}", file=sys.stderr)
+                return 2
+    finally:
+        if len(engines) < len(models):
+            sock.close()
+            for e in engines.values():
+                e.close()
+    serve(engines, settings, args.host, args.port, args.drain_timeout, sock=sock)
     return 0

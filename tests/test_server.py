@@ -232,8 +232,9 @@ def test_health_ready_and_metrics(server, client):
 
 
 def test_queue_full_gets_429_with_retry_after():
-    """max_queue=2 and the encoder held: one request is admitted (and held), two wait, the fourth is refused;
-    after release all three accepted ones complete correctly."""
+    """max_queue=2 and the encoder held: one request is taken by the encoder (and held there, still queued:
+    the engine encodes ahead of admission), one more waits, the third is refused; after release both accepted
+    ones complete correctly."""
     server = LiveServer(build_engine(max_queue=2), SETTINGS)
     try:
         engine = server.engine
@@ -241,15 +242,15 @@ def test_queue_full_gets_429_with_retry_after():
         engine.encoder.gate.clear()
         with ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(transcribe, client, "a2_morning")]
-            wait_for(lambda: engine.stats()["running"] == 1, what="the first request admitted (and held)")
-            futures += [pool.submit(transcribe, client, "a1_yes") for _ in range(2)]
+            wait_for(lambda: engine.stats()["queued"] == 1, what="the first request in the (held) encoder")
+            futures += [pool.submit(transcribe, client, "a1_yes")]
             wait_for(lambda: engine.stats()["queued"] == 2, what="two queued requests")
             with pytest.raises(openai.RateLimitError) as e:
                 transcribe(client, "a3_fox")
             assert e.value.status_code == 429 and e.value.response.headers["Retry-After"] == "1"
             assert e.value.body["code"] == "queue_full"
             engine.encoder.gate.set()
-            assert [f.result(120).text for f in futures] == [golden_text("a2_morning"), *[golden_text("a1_yes")] * 2]
+            assert [f.result(120).text for f in futures] == [golden_text("a2_morning"), golden_text("a1_yes")]
     finally:
         engine.encoder.gate.set()
         server.stop()
@@ -306,17 +307,32 @@ def test_cli_hooks_parse_into_engine_and_server_settings():
     import argparse
 
     from runtime.options import engine_kwargs
-    from runtime.server import add_arguments
+    from runtime.server import DEFAULT_MAX_AUDIO_SECONDS, add_arguments, served_models, server_settings
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--model", "m", "--max-queue", "3", "--engine-dir", "build/dec", "--port", "9000",
                               "--no-cuda-graphs", "--max-audio-seconds", "12"])
-    kw = engine_kwargs(args)
+    [(name, one)] = served_models(args)
+    kw = engine_kwargs(one)
+    assert name == ServerSettings.model_name
     assert kw["model"] == "m" and kw["max_queue"] == 3 and kw["cuda_graphs"] is False
     assert kw["decoder"] == "trtllm" and kw["decoder_dir"] == "build/dec"
     assert (args.host, args.port, args.max_audio_seconds) == ("127.0.0.1", 9000, 12.0)
-    assert "decoder" not in engine_kwargs(parser.parse_args([]))
+    defaults = parser.parse_args([])
+    assert "decoder" not in engine_kwargs(served_models(defaults)[0][1])
+    # long audio is accepted by default (3 hours), long-form past 40 s
+    assert server_settings(defaults).max_audio_seconds == DEFAULT_MAX_AUDIO_SECONDS == 3 * 3600
+    assert server_settings(defaults).long_form_seconds == 40.0
+    # several models, each with its served name and its own or a shared --llm
+    two = parser.parse_args(["--model", "a/canary", "--model", "/m/other/", "--served-model-name", "first",
+                             "--llm", "L"])
+    assert [(n, ns.model, ns.llm) for n, ns in served_models(two)] == [("first", "a/canary", "L"),
+                                                                       ("other", "/m/other/", "L")]
+    for bad in (["--model", "a", "--model", "b", "--llm", "1", "--llm", "2", "--llm", "3"],
+                ["--model", "x/a", "--model", "y/a", "--model", "z/a"], ["--served-model-name", "a", "--served-model-name", "b"]):
+        with pytest.raises(ValueError):
+            served_models(parser.parse_args(bad))
 
 
 def test_long_audio_is_transcribed_long_form_with_timestamps(server, client):
