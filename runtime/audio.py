@@ -234,11 +234,17 @@ def quiet_decoder_logs(interval_s: float = 60.0):
     os.dup2(write_end, 2)
     os.close(write_end)
     old = sys.stderr
-    sys.stderr = open(real, "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
-                      errors="backslashreplace", closefd=False)
-    handlers = [h for h in logging.root.handlers if isinstance(h, logging.StreamHandler) and h.stream is old]
-    for h in handlers:
-        h.setStream(sys.stderr)
+    try:
+        on_fd2 = old.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation) e.g. captured by pytest
+        on_fd2 = False
+    handlers = []
+    if on_fd2:
+        sys.stderr = open(real, "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
+                          errors="backslashreplace", closefd=False)
+        handlers = [h for h in logging.root.handlers if isinstance(h, logging.StreamHandler) and h.stream is old]
+        for h in handlers:
+            h.setStream(sys.stderr)
     state = {"first": None, "pending": 0, "total": 0, "at": time.monotonic()}
 
     def report(final: bool = False) -> None:
@@ -271,8 +277,9 @@ def quiet_decoder_logs(interval_s: float = 60.0):
         report(final=True)
         for h in handlers:
             h.setStream(old)
-        sys.stderr.flush()
-        sys.stderr = old
+        if on_fd2:
+            sys.stderr.flush()
+            sys.stderr = old
         os.close(real)
 
     return restore

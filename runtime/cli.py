@@ -19,13 +19,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="canary-trt", description="Fast, exact Canary-Qwen-2.5B inference.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and warnings")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("transcribe", help="transcribe audio files")
-    t.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, mp3, ...)")
+    t = sub.add_parser("transcribe", help="transcribe audio files, folders of them, or NeMo manifests")
+    t.add_argument("files", nargs="*", metavar="PATH",
+                   help="audio files (wav, flac, ogg, mp3, m4a, ...) or folders (their audio files, sorted by path)")
+    t.add_argument("--manifest", action="append", default=[], metavar="FILE",
+                   help="NeMo JSONL manifest (audio_filepath; relative to the manifest's folder): its audio; repeatable")
     add_engine_arguments(t)
-    t.add_argument("--output-format", choices=list(longform.OUTPUT_FORMATS), default="text",
+    t.add_argument("--output-format", choices=list(OUTPUT_FORMATS), default="text",
                    help="text: one transcript per line (prefixed by the file name when several files); "
                         "jsonl: one JSON object per file; json/srt/vtt: timestamped segments (long-form)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    t.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="write one file per input here (FILE.txt|.json|.srt|.vtt; a folder's layout is kept) "
+                        "instead of stdout; needed for json/srt/vtt with several inputs")
+    t.add_argument("--output-manifest", default=None, metavar="FILE",
+                   help="write a NeMo manifest: each input's row (or audio_filepath, duration) with pred_text")
+    t.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (shown only when stderr is a TTY)")
     longform.add_arguments(t)
     t.set_defaults(func=transcribe)
     c = sub.add_parser("check-encoder", help="compare an ONNX/TensorRT encoder with the torch reference")
@@ -52,46 +61,361 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUTPUT_FORMATS = ("text", "jsonl", "json", "srt", "vtt")
+SUFFIXES = {"text": ".txt", "json": ".json", "srt": ".srt", "vtt": ".vtt"}  # --output-dir files
+# optional module -> the extra that brings it (pip install 'canary-trt[EXTRA]')
+EXTRAS = {"onnxruntime": "onnx", "onnx": "onnx", "tensorrt": "tensorrt", "silero_vad": "longform",
+          "kaldialign": "bench", "whisper_normalizer": "bench", "matplotlib": "bench", "fastapi": "serving",
+          "uvicorn": "serving", "multipart": "serving", "prometheus_client": "serving", "openai": "client",
+          "nemo": None}
+
+
+class UsageError(ValueError):
+    """Bad command-line input, found before any model is loaded: exit code 2."""
+
+
+def require(*modules: str, what: str) -> None:
+    """Raise UsageError naming the extra to install when a module ``what`` needs is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        extras = sorted({EXTRAS.get(m) for m in missing if EXTRAS.get(m)})
+        how = f"pip install 'canary-trt[{','.join(extras)}]'" if extras else f"pip install {' '.join(missing)}"
+        raise UsageError(f"{what} needs {', '.join(missing)}: {how}")
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """What can be said about --model/--llm/--encoder before loading anything."""
+    import os
+
+    for flag in ("model", "llm"):
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and os.path.isfile(os.path.expanduser(value)):
+            raise UsageError(f"--{flag} {value} is a file; pass the folder that holds it "
+                             f"({'config.json + model.safetensors' if flag == 'model' else 'config.json + tokenizer.json'})"
+                             f" or a hub id (owner/name)")
+    encoder = getattr(args, "encoder", "auto")
+    if encoder == "onnx":
+        require("onnxruntime", what="--encoder onnx")
+    elif encoder == "tensorrt":
+        require("tensorrt", what="--encoder tensorrt")
+
+
+def model_error(args: argparse.Namespace, e: BaseException) -> str:
+    """The message for a model that failed to load, with what to do about it."""
+    if isinstance(e, UsageError):
+        return str(e)
+    if isinstance(e, ImportError) and e.name:
+        extra = EXTRAS.get(e.name.split(".")[0])
+        return f"cannot load the model: {e}" + (f" (pip install 'canary-trt[{extra}]')" if extra else "")
+    msg = f"cannot load the model: {e}"
+    if getattr(args, "llm", None) is None and "base LLM" in str(e):
+        msg += ("\n  the base LLM's config and tokenizer could not be found: pass --llm DIR (a folder with its "
+                "config.json and tokenizer.json) or set HF_HUB_OFFLINE=0 to download them")
+    return msg
+
+
+class Interrupt:
+    """Ctrl-C for a running transcription: the first SIGINT asks the work to stop (``requested``; ``wake`` is
+    called, from the signal handler, so a waiting loop notices), a second one exits at once with 130."""
+
+    def __init__(self, wake=None):
+        self.requested, self.wake, self._old = False, wake, None
+
+    def __enter__(self):
+        import signal
+
+        self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        import os
+
+        if self.requested:
+            os._exit(130)
+        self.requested = True
+        print("\ninterrupted: cancelling; finished results are kept (Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+        if self.wake is not None:
+            self.wake()
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.signal(signal.SIGINT, self._old)
+
+
+def collect_inputs(args: argparse.Namespace) -> list[tuple]:
+    """(audio path, manifest row or None, path relative to its folder argument) for every input, in order:
+    files as given, folders' audio files sorted by path, manifests' rows in order. UsageError naming the
+    first path that is missing or empty."""
+    import os
+    from pathlib import Path
+
+    from .bench import AUDIO_SUFFIXES
+
+    items = []
+    for f in args.files:
+        p = Path(f)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in AUDIO_SUFFIXES and q.is_file())
+            if not found:
+                raise UsageError(f"{f}: a folder with no audio files ({', '.join(sorted(AUDIO_SUFFIXES))})")
+            items += [(str(q), None, q.relative_to(p)) for q in found]
+        elif p.is_file():
+            items.append((f, None, Path(p.name)))
+        else:
+            raise UsageError(f"{f}: no such file or folder")
+    for m in args.manifest:
+        mp = Path(m)
+        if not mp.is_file():
+            raise UsageError(f"{m}: no such manifest")
+        with mp.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{m}:{n}: not valid JSON ({e.msg})") from None
+                audio = row.get("audio_filepath") if isinstance(row, dict) else None
+                if not isinstance(audio, str) or not audio:
+                    raise UsageError(f"{m}:{n}: no 'audio_filepath'")
+                path = Path(audio) if os.path.isabs(audio) or not (mp.parent / audio).exists() else mp.parent / audio
+                if not path.is_file():
+                    raise UsageError(f"{m}:{n}: audio file not found: {path}")
+                items.append((str(path), row, Path(Path(audio).name)))
+    if not items:
+        raise UsageError("nothing to transcribe: give audio files, folders or --manifest FILE")
+    return items
+
+
+def plan_outputs(args: argparse.Namespace, items: list[tuple], long: bool) -> list:
+    """The file each input's transcript goes to (None: stdout), checked before any work: never over an
+    existing file without --overwrite, never two inputs into one file."""
+    from pathlib import Path
+
+    fmt = args.output_format
+    if args.output_dir is None:
+        if long and fmt != "text" and len(items) > 1:
+            raise UsageError(f"{len(items)} inputs in {fmt}: give --output-dir DIR (one file per input)")
+        outputs = [None] * len(items)
+    else:
+        if fmt == "jsonl":
+            raise UsageError("--output-dir writes one file per input: choose --output-format text, json, srt or "
+                             "vtt (jsonl is one stream on stdout)")
+        outputs, seen = [], {}
+        for path, _, rel in items:
+            out = Path(args.output_dir) / rel.with_suffix(SUFFIXES[fmt])
+            if out in seen:
+                raise UsageError(f"{seen[out]} and {path} would both be written to {out}")
+            seen[out] = path
+            outputs.append(out)
+    targets = [o for o in outputs if o is not None] + ([Path(args.output_manifest)] if args.output_manifest else [])
+    existing = [str(o) for o in targets if o.exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"{existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}: "
+                         f"pass --overwrite to replace, or choose another --output-dir")
+    return outputs
+
+
+def _progress(args, total: int | None, unit: str, desc: str | None = None):
+    """A tqdm bar on stderr when it is a terminal (and not --no-progress), else None."""
+    if args.no_progress or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, leave=False)
+
+
+def _pump(run, events, interrupt: Interrupt) -> None:
+    """Drive an InOrder run from this thread: its bookkeeping arrives on ``events``; a Ctrl-C cancels it."""
+    run.start()
+    while True:
+        item = events.get()
+        if item is None:
+            return
+        if item == "interrupt":
+            run.cancel()
+            continue
+        fn, a = item
+        fn(*a)
+
+
 def transcribe(args: argparse.Namespace) -> int:
-    """Every file goes through the in-flight engine; results print in input order as they complete. A file
-    that fails is reported by name and the others go on; the exit code is then 1. Long-form (any length,
-    VAD segments, timestamps) when asked for or when a timestamped format is."""
+    """Every input goes through the in-flight engine; results are written in input order as they complete. An
+    input that fails is reported by name and the others go on (exit code 1). Long-form (any length, VAD
+    segments, timestamps) when asked for or when a timestamped format is. Ctrl-C: what is done is written,
+    the rest cancelled, exit code 130 (a second Ctrl-C quits at once)."""
+    import queue
+
     from . import longform
+    from .audio import quiet_decoder_logs
     from .engine import Engine
 
-    if args.long_form or args.output_format in ("json", "srt", "vtt"):
-        return longform.run(args)
+    from .parakeet import is_parakeet, transcribe_cli
 
+    if is_parakeet(args.model):  # Parakeet-TDT (issue 14): its own engine, with word and segment timestamps
+        return transcribe_cli(args)
+    long = args.long_form or args.output_format in longform.LONG_FORMATS
     try:
-        engine = Engine.from_pretrained(**engine_kwargs(args))
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        items = collect_inputs(args)
+        outputs = plan_outputs(args, items, long)
+        check_model_args(args)
+        if long and args.vad == "silero":
+            require("silero_vad", "onnxruntime", what="--vad silero")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    bar = None
-    if not args.no_progress and (len(args.files) > 1 and sys.stderr.isatty() or len(args.files) > 64):
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(args.files), unit="file", file=sys.stderr)
-    errors = 0
-    with engine:
-        for f, r in engine.map(args.files):
-            if bar:
-                bar.update()
-            if isinstance(r, Exception):
-                errors += 1
-                msg = str(r) if str(f) in str(r) else f"{f}: {r}"
-                print(f"error: {msg}", file=sys.stderr)
-                if args.output_format == "jsonl":
-                    print(json.dumps({"audio": f, "error": msg}, ensure_ascii=False), flush=True)
-            elif args.output_format == "jsonl":
-                print(json.dumps({"audio": f, "text": r.text, "token_ids": r.token_ids,
-                                  "duration": round(r.duration, 4), "finish_reason": r.finish_reason},
-                                 ensure_ascii=False), flush=True)
+    try:
+        kwargs = engine_kwargs(args)
+        if long:  # room for the longest segment: 12.5 audio frames per second, the prompt and the new tokens
+            kwargs["max_seq_len"] = max(kwargs["max_seq_len"], int(args.max_segment_seconds * 12.5) + 64 +
+                                        kwargs["max_new_tokens"])
+        engine = Engine.from_pretrained(**kwargs)
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        print(f"error: {model_error(args, e)}", file=sys.stderr)
+        return 2
+    events = queue.SimpleQueue()  # put() may be called from a signal handler
+    writer = _Writer(args, items, outputs)
+    restore = quiet_decoder_logs()
+    try:
+        with Interrupt(wake=lambda: events.put("interrupt")) as interrupt:
+            if long:
+                _transcribe_long(args, engine, items, writer, events, interrupt)
             else:
-                print(r.text if len(args.files) == 1 else f"{f}\t{r.text}", flush=True)
-    if bar:
+                _transcribe_short(args, engine, items, writer, events, interrupt)
+    finally:
+        engine.close()
+        writer.close()
+        restore()
+    if interrupt.requested:
+        print(f"interrupted: {writer.done} of {len(items)} inputs transcribed", file=sys.stderr)
+        return 130
+    return 1 if writer.errors else 0
+
+
+def _transcribe_short(args, engine, items, writer, events, interrupt) -> None:
+    from .longform import InOrder
+
+    bar = _progress(args, len(items), "file") if len(items) > 1 else None
+
+    def on_item(i, r):
+        writer.write(i, r)
+        if bar is not None:
+            bar.update()
+
+    run = InOrder(lambda item, cb: engine.submit(item[0], on_delta=cb), items, engine.options.max_queue, on_item,
+                  lambda: events.put(None), call=lambda fn, *a: events.put((fn, a)))
+    _pump(run, events, interrupt)
+    if bar is not None:
         bar.close()
-    return 1 if errors else 0
+
+
+def _transcribe_long(args, engine, items, writer, events, interrupt) -> None:
+    """One input after another, each cut at pauses into segments that go through the engine together."""
+    from .audio import AudioError, TARGET_RATE, load_audio
+    from .longform import (InOrder, LongTranscription, cut_points, join_texts, segments_from, speech_scores)
+
+    for i, (path, _, _) in enumerate(items):
+        if interrupt.requested:
+            return
+        try:
+            wave = load_audio(path)
+            score, vad = speech_scores(wave, args.vad)
+            cuts = cut_points(score, len(wave), args.max_segment_seconds)
+        except (AudioError, ValueError, RuntimeError) as e:
+            writer.write(i, e)
+            continue
+        bar = _progress(args, len(cuts), "segment", desc=path)
+        results, failure = [], []
+
+        def on_item(j, r, bar=bar):
+            if isinstance(r, BaseException):
+                failure.append(r)
+                run.cancel()
+                return
+            results.append(r)
+            if bar is not None:
+                bar.update()
+
+        run = InOrder(lambda piece, cb: engine.submit(piece, TARGET_RATE, on_delta=cb), [wave[a:b] for a, b in cuts],
+                      2 * engine.options.max_batch_size, on_item, lambda: events.put(None),
+                      call=lambda fn, *a: events.put((fn, a)))
+        if interrupt.requested:
+            return
+        _pump(run, events, interrupt)
+        if bar is not None:
+            bar.close()
+        if interrupt.requested:
+            return  # this input is incomplete: not written
+        if failure:
+            writer.write(i, failure[0])
+            continue
+        segments = segments_from(cuts, results, score)
+        writer.write(i, LongTranscription(join_texts(s.text for s in segments), segments, len(wave) / TARGET_RATE,
+                                          vad))
+
+
+class _Writer:
+    """Writes each input's result as it comes (stdout, --output-dir files, --output-manifest rows) and counts."""
+
+    def __init__(self, args, items, outputs):
+        self.args, self.items, self.outputs = args, items, outputs
+        self.done = self.errors = 0
+        self.manifest = None
+        if args.output_manifest:
+            from pathlib import Path
+
+            Path(args.output_manifest).parent.mkdir(parents=True, exist_ok=True)
+            self.manifest = open(args.output_manifest, "w", encoding="utf-8")
+
+    def write(self, i: int, r) -> None:
+        from .longform import LongTranscription, to_json, to_srt, to_vtt
+
+        path, row, _ = self.items[i]
+        fmt, out, several = self.args.output_format, self.outputs[i], len(self.items) > 1
+        if isinstance(r, BaseException):
+            self.errors += 1
+            msg = str(r) if path in str(r) else f"{path}: {r}"
+            print(f"error: {msg}", file=sys.stderr, flush=True)
+            if fmt == "jsonl" and out is None:
+                print(json.dumps({"audio": path, "error": msg}, ensure_ascii=False), flush=True)
+            if self.manifest is not None:
+                self._row(row, path, None, {"pred_text": "", "error": msg})
+            return
+        self.done += 1
+        long = isinstance(r, LongTranscription)
+        if fmt == "jsonl":
+            body = ({"audio": path, **r.as_dict()} if long else
+                    {"audio": path, "text": r.text, "token_ids": r.token_ids, "duration": round(r.duration, 4),
+                     "finish_reason": r.finish_reason})
+            print(json.dumps(body, ensure_ascii=False), flush=True)
+        elif fmt == "text" and out is None:
+            print(r.text if not several else f"{path}\t{r.text}", flush=True)
+        else:
+            body = {"text": lambda t: t.text + "\n", "json": lambda t: to_json(t) + "\n", "srt": to_srt,
+                    "vtt": to_vtt}[fmt](r)
+            if out is None:
+                sys.stdout.write(body)
+                sys.stdout.flush()
+            else:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(body, encoding="utf-8")
+                print(f"{path}\t{out}", file=sys.stderr, flush=True)
+        if self.manifest is not None:
+            self._row(row, path, r.duration, {"pred_text": r.text})
+
+    def _row(self, row, path, duration, extra) -> None:
+        base = dict(row) if row is not None else {"audio_filepath": path,
+                                                  **({"duration": round(duration, 4)} if duration else {})}
+        self.manifest.write(json.dumps({**base, **extra}, ensure_ascii=False) + "\n")
+        self.manifest.flush()
+
+    def close(self) -> None:
+        if self.manifest is not None:
+            self.manifest.close()
 
 
 def check_encoder(args: argparse.Namespace) -> int:
@@ -144,7 +468,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a transcription loop (loading the model, ...): no traceback
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
