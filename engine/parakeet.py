@@ -263,7 +263,10 @@ def _hub_nemo(repo_id: str) -> Path:
     with HF_HUB_OFFLINE=1."""
     from .checkpoint import _download
 
-    root = _download(repo_id, ["*.nemo", "config.json", NEMO_CONFIG], "model")
+    root = _download(repo_id, ["config.json", NEMO_CONFIG], "model")  # small files first
+    if (root / "config.json").is_file() and not (root / NEMO_CONFIG).is_file():
+        return root  # a Canary-Qwen release: never fetch a .nemo it may also ship
+    root = _download(repo_id, ["*.nemo", NEMO_CONFIG], "model")
     nemos = sorted(root.glob("*.nemo"))
     if len(nemos) > 1:
         raise NemoError(f"model {repo_id}: several .nemo files ({[p.name for p in nemos]}): pass one as a path")

@@ -137,7 +137,11 @@ class GreedyTDT:
         b, t, _ = enc.shape
         if b == 0:
             return []
-        s, graph = self._state(b, t)
+        if self.cuda_graphs:  # rows padded to a power of two (length 0: inactive) bound the graph count
+            rows = 1 << (b - 1).bit_length()
+            enc = torch.cat((enc, enc.new_zeros(rows - b, t, enc.shape[2])))
+            enc_lens = torch.cat((enc_lens, enc_lens.new_zeros(rows - b)))
+        s, graph = self._state(enc.shape[0], t)
         s.fp.zero_()
         enc = enc.to(s.fp.device, torch.float32)
         s.fp[:, :t].copy_(enc if projected else self.model.joint.enc(enc))  # projected once per utterance
@@ -152,7 +156,7 @@ class GreedyTDT:
                 self.step(s)
             records.append(s.record.clone())
             active = bool(s.any_active)  # the step's one host copy
-        return self._collect(records, b)
+        return self._collect(records, enc.shape[0])[:b]
 
     @staticmethod
     def _collect(records: list[torch.Tensor], batch: int) -> list[TdtHypothesis]:

@@ -1,0 +1,400 @@
+"""Parakeet-TDT behind the same front door as ``runtime.Engine``: submit / result / stream / cancel / map.
+
+API (for the CLI, the server and the Triton model)::
+
+    from runtime.parakeet import ParakeetEngine
+
+    with ParakeetEngine.from_pretrained("nvidia/parakeet-tdt-0.6b-v2") as engine:  # or a .nemo / folder
+        handle = engine.submit("a.wav")             # AudioInput: path, bytes, array (+ sample_rate), tensor
+        r = handle.result()                          # runtime.common.Transcription
+        r.text, r.token_ids, r.duration, r.finish_reason   # "stop" | "cancelled"
+        r.extra["words"]     # [{"word", "start", "end", "start_offset", "end_offset"}]: seconds, encoder frames
+        r.extra["segments"]  # [{"segment", "start", "end", "start_offset", "end_offset"}]: split at . ! ?
+        r.extra["tokens"]    # per token: token_id, piece, text, start, end, start_offset, end_offset
+        r.extra["timesteps"], r.extra["durations"]   # per token: encoder frame and TDT duration (frames)
+        for path, result in engine.map(paths): ...   # input order; a bad input yields its exception
+        async for text in engine.stream(audio): ...  # the whole text, once (TDT is not incremental)
+        handle.cancel()
+        long, words = engine.transcribe_long("hour.wav", max_segment_s=40.0)  # cut at pauses; LongTranscription
+                                                     # + every word, timestamps offset into the whole file
+
+Timestamps are NeMo's ``transcribe(timestamps=True)`` values (engine/tdt.py). ``submit`` decodes and
+resamples in the calling thread (a bad input fails there, naming it) and raises QueueFull past ``max_queue``
+waiting requests, EngineClosed once closing. A background thread takes up to ``max_batch_size`` waiting
+requests (oldest first), sorts them by length, encodes them in batches of at most ``max_batch_seconds`` of
+padded audio, and decodes each batch greedily on the device (engine.tdt.GreedyTDT: one host copy per step,
+CUDA graphs for the step on CUDA unless ``cuda_graphs=False``). An encoder batch that fails is retried one
+request at a time, so a bad request fails alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from engine.parakeet import PARAKEET_TDT, ParakeetTDT, SentencePieceText, detect_family, load_parakeet
+from engine.tdt import GreedyTDT, TdtResult, finalize
+
+from .audio import TARGET_RATE, AudioInput, AudioTooLong, load_audio
+from .common import Transcription, pad_short, pick_device, pick_dtype
+from .engine import Engine, EngineClosed, RequestHandle, _notify
+from .scheduler import QueueFull
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ParakeetEngine", "ParakeetOptions", "is_parakeet", "transcribe_cli"]
+
+
+@dataclass(frozen=True)
+class ParakeetOptions:
+    max_batch_size: int = 64  # utterances encoded and decoded together
+    max_queue: int = 1024  # waiting requests before submit() raises QueueFull
+    max_batch_seconds: float = 1280.0  # padded audio per encoder batch (bounds activation memory)
+    max_audio_seconds: float = 600.0  # longest single request; longer audio: transcribe_long
+    cuda_graphs: bool = True  # capture the decode step (CUDA only); False: eager
+
+
+@dataclass
+class _Request:
+    handle: RequestHandle
+    audio: np.ndarray
+    finished: bool = False
+
+
+class ParakeetEngine:
+    family = PARAKEET_TDT
+
+    def __init__(self, model: ParakeetTDT, tokenizer: SentencePieceText, options: ParakeetOptions = ParakeetOptions(),
+                 threaded: bool = True, encoder=None):
+        """``encoder``: optional EncoderBackend (engine/backends/base.py) over ``ParakeetPerception``
+        (engine/export/tdt_onnx.py), returning projected frames [T, joint_hidden]; default: the torch model.
+        ``threaded=False``: no background thread; the caller drives ``step()``."""
+        if options.max_batch_size < 1 or options.max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1")
+        self.model, self.tokenizer, self.options, self.encoder = model, tokenizer, options, encoder
+        self.decoder = GreedyTDT(model, cuda_graphs=options.cuda_graphs)
+        self._waiting: deque[_Request] = deque()
+        self._taken: list[_Request] = []  # taken from _waiting by the step in progress
+        self._inbox: list[tuple] = []
+        self._queued = 0
+        self._next_id = 0
+        self._cv = threading.Condition()
+        self._closing = False
+        self.steps = 0
+        self._thread = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="canary-trt-parakeet", daemon=True)
+            self._thread.start()
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike = "nvidia/parakeet-tdt-0.6b-v2",
+                        device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                        **options) -> "ParakeetEngine":
+        """Load a release (hub id, ``.nemo`` file or extracted folder) and start the engine. ``dtype`` is the
+        encoder's (default bfloat16 on GPUs, float32 on CPUs); the prediction and joint networks are float32.
+        ``options``: ParakeetOptions fields."""
+        dev = pick_device(device)
+        net, tok = load_parakeet(model, dtype=pick_dtype(dtype, dev), device=dev)
+        return cls(net, tok, ParakeetOptions(**options))
+
+    # ---- client side (any thread) ------------------------------------------------------------------
+
+    def _post(self, msg: tuple) -> None:
+        with self._cv:
+            self._inbox.append(msg)
+            self._cv.notify()
+
+    def submit(self, audio: AudioInput, sample_rate: int | None = None,
+               on_delta: Callable[[str | None], None] | None = None, **_ignored) -> RequestHandle:
+        """Queue one utterance; returns at once. ``on_delta`` (engine thread) gets the text, then None.
+        Raises AudioError (bad input, named; AudioTooLong past max_audio_seconds), QueueFull or EngineClosed.
+        Canary-Qwen keywords (prompt, max_new_tokens) are accepted and ignored: TDT has neither."""
+        try:
+            wave = load_audio(audio, sample_rate, max_seconds=self.options.max_audio_seconds)
+        except AudioTooLong as e:
+            raise AudioTooLong(f"{e} (max_audio_seconds={self.options.max_audio_seconds}): use long-form "
+                               f"transcription (ParakeetEngine.transcribe_long, --long-form)") from None
+        duration = len(wave) / TARGET_RATE
+        wave = pad_short(wave, self.model.cfg.frontend.hop_length)
+        with self._cv:
+            if self._closing:
+                raise EngineClosed("engine is closing: no new requests")
+            if self._queued >= self.options.max_queue:
+                raise QueueFull(f"{self._queued} requests already queued (max_queue={self.options.max_queue})")
+            rid = self._next_id
+            self._next_id += 1
+            handle = RequestHandle(rid, self, duration, on_delta)
+            self._queued += 1
+            self._inbox.append(("submit", _Request(handle, wave)))
+            self._cv.notify()
+        return handle
+
+    # The same client-side behaviour as the Canary-Qwen engine (they only use submit and the handles).
+    stream = Engine.stream
+    map = Engine.map
+    transcribe = Engine.transcribe
+
+    def transcribe_long(self, audio: AudioInput, sample_rate: int | None = None, max_segment_s: float = 40.0,
+                        vad: str = "auto"):
+        """Any length: cut at pauses (runtime.longform.plan_segments) into pieces of at most ``max_segment_s``,
+        transcribe them as ordinary requests, and join them with the timestamps offset into the whole file.
+        Returns (runtime.longform.LongTranscription whose segments are the model's own sentence segments,
+        words [{"word", "start", "end"}] in seconds from the start of the file)."""
+        from . import longform
+
+        wave = load_audio(audio, sample_rate)
+        cuts, vad_name = longform.plan_segments(wave, max_segment_s, vad)
+        handles = [(a, self.submit(wave[a:b], TARGET_RATE)) for a, b in cuts]
+        segments, words = [], []
+        for a, h in handles:
+            r = h.result()
+            shift = a / TARGET_RATE
+            for w in r.extra["words"]:
+                words.append({"word": w["word"], "start": w["start"] + shift, "end": w["end"] + shift})
+            starts = [s["start_offset"] for s in r.extra["segments"]]
+            owner = [max([k for k, s0 in enumerate(starts) if s0 <= t["start_offset"]], default=0)
+                     for t in r.extra["tokens"]]  # each token to the last segment starting at or before it
+            for k, s in enumerate(r.extra["segments"]):
+                ids = [t["token_id"] for t, o in zip(r.extra["tokens"], owner) if o == k]
+                segments.append(longform.Segment(start=s["start"] + shift, end=s["end"] + shift, text=s["segment"],
+                                                 token_ids=ids, finish_reason=r.finish_reason))
+        text = " ".join(s.text for s in segments)
+        return longform.LongTranscription(text=text, segments=segments, duration=len(wave) / TARGET_RATE,
+                                          vad=vad_name), words
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new requests, finish every accepted one, stop the thread."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self.run_until_idle()
+
+    def __enter__(self) -> "ParakeetEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stats(self) -> dict:
+        return {"waiting": len(self._waiting), "queued": self._queued, "steps": self.steps}
+
+    # ---- engine thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._inbox and not self._waiting and not self._closing:
+                    self._cv.wait()
+                if self._closing and not self._inbox and not self._waiting:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a bug in the engine itself: fail what it holds, keep serving
+                log.exception("parakeet engine step failed")
+                for r in self._taken + list(self._waiting):
+                    self._finish(r, error=e)
+
+    def run_until_idle(self) -> None:
+        while self._inbox or self._waiting:
+            self.step()
+
+    def step(self) -> None:
+        """Take the inbox, then transcribe up to max_batch_size of the oldest waiting requests."""
+        with self._cv:
+            inbox, self._inbox = self._inbox, []
+        for kind, payload in inbox:
+            if kind == "submit":
+                self._waiting.append(payload)
+            elif kind == "cancel":
+                r = next((r for r in self._waiting if r.handle.id == payload), None)
+                if r is not None:
+                    self._finish(r, cancelled=True)
+        n = min(len(self._waiting), self.options.max_batch_size)
+        self._taken = [self._waiting.popleft() for _ in range(n)]
+        for batch in self._batches(self._taken):
+            self._transcribe(batch)
+        self._taken = []
+        self.steps += 1
+
+    def _batches(self, reqs: list[_Request]) -> list[list[_Request]]:
+        """Length-sorted batches whose padded audio stays within max_batch_seconds."""
+        limit = self.options.max_batch_seconds * TARGET_RATE
+        out: list[list[_Request]] = []
+        for r in sorted(reqs, key=lambda r: len(r.audio)):
+            if out and (len(out[-1]) + 1) * len(r.audio) <= limit:  # sorted: r is the batch's longest
+                out[-1].append(r)
+            else:
+                out.append([r])
+        return out
+
+    @torch.inference_mode()
+    def _encode(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """-> (frames [B, T, D or joint_hidden], lengths [B], projected)."""
+        if self.encoder is not None:
+            embs = self.encoder.encode(waves)
+            lens = torch.tensor([e.shape[0] for e in embs])
+            return torch.nn.utils.rnn.pad_sequence([e.float() for e in embs], batch_first=True), lens, True
+        dev = self.model.device
+        lens = torch.tensor([len(w) for w in waves])
+        x = torch.zeros(len(waves), int(lens.max()))
+        for i, w in enumerate(waves):
+            x[i, : len(w)] = torch.from_numpy(w)
+        _, _, enc, enc_lens = self.model.encode(x.to(dev), lens.to(dev))
+        return enc, enc_lens, False
+
+    def _transcribe(self, batch: list[_Request]) -> None:
+        try:
+            frames, lens, projected = self._encode([r.audio for r in batch])
+            groups = [(batch, frames, lens)]
+        except Exception:
+            log.exception("encoder batch of %d failed; retrying one by one", len(batch))
+            groups = []
+            for r in batch:
+                try:
+                    frames, lens, projected = self._encode([r.audio])
+                    groups.append(([r], frames, lens))
+                except Exception as e:
+                    self._finish(r, error=e)
+        for reqs, frames, lens in groups:
+            try:
+                hyps = self.decoder.decode(frames, lens, projected=projected)
+            except Exception as e:
+                log.exception("TDT decoding of a batch of %d failed", len(reqs))
+                for r in reqs:
+                    self._finish(r, error=e)
+                continue
+            for r, hyp in zip(reqs, hyps):
+                try:  # detokenisation / timestamps of one request must not fail the others
+                    self._finish(r, result=finalize(hyp, self.tokenizer, self.model.cfg))
+                except Exception as e:
+                    log.exception("postprocessing of request %d failed", r.handle.id)
+                    self._finish(r, error=e)
+
+    def _finish(self, r: _Request, result: TdtResult | None = None, error: BaseException | None = None,
+                cancelled: bool = False) -> None:
+        """Resolve a request exactly once."""
+        if r.finished:
+            return
+        r.finished = True
+        if r in self._waiting:
+            self._waiting.remove(r)
+        with self._cv:
+            self._queued -= 1
+        h = r.handle
+        h.finished_at = time.perf_counter()
+        r.audio = np.empty(0, np.float32)
+        if error is not None:
+            h._error = error if isinstance(error, Exception) else RuntimeError(str(error))
+        elif cancelled:
+            h._result = Transcription("", [], h.duration, "cancelled")
+        else:
+            hyp = result.hypothesis
+            extra = {"words": result.words, "segments": result.segments, "tokens": result.tokens,
+                     "timesteps": hyp.timesteps, "durations": hyp.durations}
+            h._result = Transcription(result.text, list(hyp.token_ids), h.duration, "stop", extra)
+            h.first_token_at = h.finished_at
+            if result.text:
+                _notify(h, result.text)
+        h._done.set()
+        _notify(h, None)
+
+
+# ---- command line --------------------------------------------------------------------------------------
+
+
+def is_parakeet(model: str | os.PathLike) -> bool:
+    """True if ``--model`` names a Parakeet-TDT release. Anything that cannot be inspected (a hub id offline,
+    a typo) is left to the Canary-Qwen loader, whose errors name the problem."""
+    try:
+        return detect_family(model) == PARAKEET_TDT
+    except Exception as e:
+        log.debug("family detection of %s failed: %s", model, e)
+        return False
+
+
+def _word_fields(words: list[dict]) -> list[dict]:
+    return [{"word": w["word"], "start": round(w["start"], 3), "end": round(w["end"], 3)} for w in words]
+
+
+def _segment_fields(segments: list[dict]) -> list[dict]:
+    return [{"segment": s["segment"], "start": round(s["start"], 3), "end": round(s["end"], 3)} for s in segments]
+
+
+def transcribe_cli(args) -> int:
+    """``canary-trt transcribe`` for a Parakeet-TDT ``--model``: text, jsonl (text, token_ids, duration,
+    finish_reason, words, segments) or json/srt/vtt from the model's own segment timestamps (long-form:
+    cut at pauses, timestamps offset into the file). Exit code 1 if a file failed, 2 if the model did not load."""
+    import json
+    import sys
+
+    from . import longform
+
+    unsupported = [flag for flag, attr in (("--manifest", "manifest"), ("--output-dir", "output_dir"),
+                                           ("--output-manifest", "output_manifest")) if getattr(args, attr, None)]
+    folders = [f for f in args.files if os.path.isdir(f)]
+    if unsupported or folders or not args.files:
+        what = ", ".join(unsupported) or (f"folder {folders[0]}" if folders else "no audio files")
+        print(f"error: Parakeet-TDT transcription takes audio files on the command line ({what}: not supported)",
+              file=sys.stderr)
+        return 2
+    try:
+        engine = ParakeetEngine.from_pretrained(
+            args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+            max_queue=args.max_queue, cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        return 2
+    fmt = args.output_format
+    long_form = getattr(args, "long_form", False) or fmt in ("json", "srt", "vtt")
+    errors = 0
+    with engine:
+        if long_form:
+            for f in args.files:
+                try:
+                    t, words = engine.transcribe_long(f, max_segment_s=getattr(args, "max_segment_seconds", 40.0),
+                                               vad=getattr(args, "vad", "auto"))
+                except Exception as e:
+                    errors += 1
+                    print(f"error: {e if str(f) in str(e) else f'{f}: {e}'}", file=sys.stderr)
+                    continue
+                if fmt == "srt":
+                    print(longform.to_srt(t), end="", flush=True)
+                elif fmt == "vtt":
+                    print(longform.to_vtt(t), end="", flush=True)
+                elif fmt == "json":
+                    body = t.as_dict()
+                    body["words"] = _word_fields(words)
+                    print(json.dumps({"audio": f, **body}, ensure_ascii=False), flush=True)
+                else:
+                    line = {"audio": f, "text": t.text, "duration": round(t.duration, 4), "words": _word_fields(words),
+                            "segments": [{"segment": s.text, "start": round(s.start, 3), "end": round(s.end, 3)}
+                                         for s in t.segments]}
+                    print(json.dumps(line, ensure_ascii=False) if fmt == "jsonl" else
+                          (t.text if len(args.files) == 1 else f"{f}\t{t.text}"), flush=True)
+            return 1 if errors else 0
+        for f, r in engine.map(args.files):
+            if isinstance(r, Exception):
+                errors += 1
+                msg = str(r) if str(f) in str(r) else f"{f}: {r}"
+                print(f"error: {msg}", file=sys.stderr)
+                if fmt == "jsonl":
+                    print(json.dumps({"audio": f, "error": msg}, ensure_ascii=False), flush=True)
+            elif fmt == "jsonl":
+                print(json.dumps({"audio": f, "text": r.text, "token_ids": r.token_ids,
+                                  "duration": round(r.duration, 4), "finish_reason": r.finish_reason,
+                                  "words": _word_fields(r.extra["words"]),
+                                  "segments": _segment_fields(r.extra["segments"])}, ensure_ascii=False), flush=True)
+            else:
+                print(r.text if len(args.files) == 1 else f"{f}\t{r.text}", flush=True)
+    return 1 if errors else 0
