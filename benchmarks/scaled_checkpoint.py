@@ -15,7 +15,9 @@ Writes, seeded (a rerun writes the same bytes):
   and HF_HUB_CACHE=DIR.
 
 Weights come from tests/tiny_checkpoint.py's writer (the same on-disk format the loader tests use), with
-fan-in-scaled random values, so activations stay O(1) and decoding runs like a model's.
+fan-in-scaled random values, so activations stay O(1), and a final norm gain of random sign, so that greedy
+decoding does not just repeat the prompt's last token. With 151,936 tokens eos is rare: every clip runs to
+``--max-new-tokens``, so both engines do the same number of decode steps.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ def write_model(out: Path, layers: int, seed: int) -> None:
     llm_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(salm, indent=1))
     tensors = release_tensors(salm, llm, seed)
+    # A random LLM with tied embeddings echoes its last input token (here "\n" for ever); random signs on the
+    # final norm's gain break that attractor (as the NeMo goldens' recipe does), so the ids vary like text.
+    g = torch.Generator().manual_seed(1000 * seed + 7)
+    tensors["llm.base_model.model.model.norm.weight"] = torch.randn(llm["hidden_size"], generator=g) * 4.0
     for k, v in tensors.items():  # in place, one at a time: the fp32 set alone is 2.5 GB
         if v.is_floating_point():
             tensors[k] = v.to(torch.bfloat16)
