@@ -303,8 +303,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="NeMo JSONL manifest (audio_filepath, duration, text): one dataset; repeatable")
     parser.add_argument("--audio-dir", action="append", default=[], metavar="DIR",
                         help="folder of audio files, no references (RTFx only): one dataset; repeatable")
+    # max_new_tokens: transcribe's default (256), not the leaderboard's 128, which cuts fast 40 s speech short;
+    # decoding ends at the end-of-turn token, so the bound only matters for utterances that need more
     add_engine_arguments(parser)
-    parser.set_defaults(max_new_tokens=128)  # the leaderboard's value for Canary-Qwen
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per dataset (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="utterances run untimed before each dataset (default: 4 x max batch size, as the "
@@ -381,18 +382,23 @@ def run(args: argparse.Namespace) -> int:
     except ManifestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.baseline == "nemo":
-        import importlib.util
+    from runtime.cli import UsageError, check_model_args, model_error, require
 
-        if importlib.util.find_spec("nemo") is None:
-            print("error: --baseline nemo needs nemo-toolkit in this environment (pip install "
-                  "'nemo-toolkit[asr]==3.0.0' 'peft<=0.18.0'; see shared spec environment.md)", file=sys.stderr)
-            return 2
+    try:  # every missing package is named before the model loads and anything is timed
+        check_model_args(args)
+        if any(items[0].text is not None for _, _, items in datasets):
+            require("kaldialign", "whisper_normalizer", what="WER (manifests with text)")
+        if args.baseline == "nemo":
+            require("nemo", what="--baseline nemo (install NeMo as the README's 'Long-form audio and benchmarks' "
+                                 "says: pip install 'nemo-toolkit[asr]==3.0.0' 'peft<=0.18.0')")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     kwargs = engine_kwargs(args)
     try:
         engine = Engine.from_pretrained(**kwargs)
-    except (OSError, ValueError) as e:
-        print(f"error: cannot load the model: {e}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        print(f"error: {model_error(args, e)}", file=sys.stderr)
         return 2
     o = engine.options
     warmup = 4 * o.max_batch_size if args.warmup is None else args.warmup

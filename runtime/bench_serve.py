@@ -62,16 +62,19 @@ def multipart(fields: dict[str, str], file_name: str, data: bytes) -> tuple[byte
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-def send(url: str, body: bytes, content_type: str, stream: bool, timeout: float, audio_s: float) -> Outcome:
-    """One request; never raises (a failure is an Outcome with ``error``)."""
+def send(url: str, body: bytes, content_type: str, stream: bool, timeout: float, audio_s: float,
+         api_key: str | None = None) -> Outcome:
+    """One request; never raises (a failure is an Outcome with ``error``). ``api_key``: sent as a Bearer token."""
     u = urlsplit(url)
     conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
     conn = conn_cls(u.hostname, u.port, timeout=timeout)
     t0 = time.perf_counter()
     ttft = None
     try:
-        conn.request("POST", (u.path.rstrip("/") or "") + "/v1/audio/transcriptions", body,
-                     {"Content-Type": content_type, "Accept": "text/event-stream" if stream else "application/json"})
+        headers = {"Content-Type": content_type, "Accept": "text/event-stream" if stream else "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        conn.request("POST", (u.path.rstrip("/") or "") + "/v1/audio/transcriptions", body, headers)
         resp = conn.getresponse()
         if resp.status != 200:
             resp.read()
@@ -110,7 +113,7 @@ def percentiles(xs: list[float]) -> dict | None:
 
 
 def run_level(url: str, requests: list, stream: bool, timeout: float, concurrency: int | None = None,
-              rate: float | None = None, seed: int = 0) -> dict:
+              rate: float | None = None, seed: int = 0, api_key: str | None = None) -> dict:
     """Send every prepared request (body, content type, audio seconds) at a fixed ``concurrency`` or at Poisson
     ``rate``; returns the level's statistics."""
     outcomes: list[Outcome | None] = [None] * len(requests)
@@ -126,7 +129,7 @@ def run_level(url: str, requests: list, stream: bool, timeout: float, concurrenc
                 if i >= len(requests):
                     return
                 body, ctype, audio_s = requests[i]
-                outcomes[i] = send(url, body, ctype, stream, timeout, audio_s)
+                outcomes[i] = send(url, body, ctype, stream, timeout, audio_s, api_key)
 
         threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
     else:
@@ -136,7 +139,7 @@ def run_level(url: str, requests: list, stream: bool, timeout: float, concurrenc
         def one(i):
             try:
                 body, ctype, audio_s = requests[i]
-                outcomes[i] = send(url, body, ctype, stream, timeout, audio_s)
+                outcomes[i] = send(url, body, ctype, stream, timeout, audio_s, api_key)
             finally:
                 slots.release()
 
@@ -226,6 +229,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", default=None, help="what the server runs on (GPU, backends): kept in the JSON")
     parser.add_argument("--out", default=None, metavar="FILE", help="write the JSON report here")
     parser.add_argument("--plot", default=None, metavar="PNG", help="plot latency against offered load here")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="the server's API key (default: $CANARY_TRT_API_KEY, as `serve` reads it)")
 
 
 def _table(levels: list[dict]) -> str:
@@ -256,9 +261,18 @@ def run(args: argparse.Namespace) -> int:
         if args.requests < 1 or any(c < 1 for c in args.concurrency or []) or any(r <= 0 for r in args.rate or []):
             raise ManifestError("--requests, --concurrency and --rate must be positive")
         audio = [(f, f.read_bytes(), len(load_audio(f)) / TARGET_RATE) for f in files]
-    except (ManifestError, AudioError, OSError) as e:
+        if args.plot:
+            from runtime.cli import require
+
+            require("matplotlib", what="--plot")  # before the load test, not after it
+    except (ManifestError, AudioError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import os
+
+    from runtime.server import API_KEY_ENV
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     stream = not args.no_stream
     fields = {"model": args.served_model_name, "response_format": "json", "stream": str(stream).lower()}
     requests = []
@@ -269,10 +283,11 @@ def run(args: argparse.Namespace) -> int:
     levels = []
     print(_table([]), file=sys.stderr)  # the header; a row as each level ends
     for c in args.concurrency or ([] if args.rate else [1]):
-        levels.append(run_level(args.url, requests, stream, args.timeout, concurrency=c))
+        levels.append(run_level(args.url, requests, stream, args.timeout, concurrency=c, api_key=api_key))
         print(_table(levels[-1:]).splitlines()[-1], file=sys.stderr)
     for r in args.rate or []:
-        levels.append(run_level(args.url, requests, stream, args.timeout, rate=r, seed=args.seed))
+        levels.append(run_level(args.url, requests, stream, args.timeout, rate=r, seed=args.seed,
+                                api_key=api_key))
         print(_table(levels[-1:]).splitlines()[-1], file=sys.stderr)
     report = {"benchmark": "load", "url": args.url, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "client_machine": machine_name("cpu"), "server": args.label, "stream": stream,

@@ -212,9 +212,11 @@ def plan_segments(wave: np.ndarray, max_segment_s: float = 40.0, vad: str = "aut
     return cut_points(score, len(wave), max_segment_s, settings or VadSettings(pad_s=pad_s)), name
 
 
-def cut_points(score: np.ndarray, n_samples: int, max_segment_s: float,
-               settings: VadSettings = VadSettings()) -> list[tuple[int, int]]:
-    """``plan_segments`` from speech scores already computed (``speech_scores``)."""
+def cut_points(score: np.ndarray, n_samples: int, max_segment_s: float, settings: VadSettings = VadSettings(),
+               group: bool = True) -> list[tuple[int, int]]:
+    """``plan_segments`` from speech scores already computed (``speech_scores``). ``group=False``: every
+    speech span is a segment of its own (a chunking_strategy's cuts) instead of spans grouped up to the
+    maximum (the model does best with long context)."""
     if max_segment_s < 1.0:
         raise ValueError(f"max_segment_s must be >= 1 s, got {max_segment_s}")
     limit = int(max_segment_s * TARGET_RATE) // FRAME  # frames: whole frames keep every segment within the limit
@@ -229,6 +231,8 @@ def cut_points(score: np.ndarray, n_samples: int, max_segment_s: float,
             spans.append([a, cut])
             a = cut
         spans.append([a, b])
+    if not group:
+        return [(a * FRAME, min(b * FRAME, n_samples)) for a, b in spans]
     cuts, i = [], 0
     while i < len(spans):
         start, j = spans[i][0], i
@@ -426,13 +430,13 @@ def transcribe_long(asr, audio: AudioInput, sample_rate: int | None = None, max_
                     vad: str = "auto", pad_s: float = 0.3, max_new_tokens: int | None = None,
                     progress: Callable[[int], None] | None = None,
                     on_plan: Callable[[int], None] | None = None, settings: VadSettings | None = None,
-                    window: int | None = None) -> LongTranscription:
+                    window: int | None = None, group: bool = True) -> LongTranscription:
     """Transcribe audio of any length with ``asr``: a running ``runtime.Engine`` (segments go in as ordinary
     requests, at most ``window`` at once) or a ``runtime.CanaryQwen``. ``progress(n)``: n more segments done;
     ``on_plan(n)``: the number of segments, once known. Raises what the segments' requests raise."""
     wave = load_audio(audio, sample_rate)
     score, name = speech_scores(wave, vad)
-    cuts = cut_points(score, len(wave), max_segment_s, settings or VadSettings(pad_s=pad_s))
+    cuts = cut_points(score, len(wave), max_segment_s, settings or VadSettings(pad_s=pad_s), group)
     if on_plan is not None:
         on_plan(len(cuts))
     results = _transcribe_pieces(asr, [wave[a:b] for a, b in cuts], max_new_tokens, progress, window)

@@ -532,7 +532,9 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
     async def long_form(engine, req: TranscriptionRequest, wave: np.ndarray, request: Request):
         """Segments through the engine, at most ``window`` at once, delivered in order as they finish."""
         score, vad = await asyncio.to_thread(speech_scores, wave)
-        cuts = cut_points(score, len(wave), settings.long_form_seconds, req.chunking or VadSettings())
+        # chunking_strategy: a segment per speech span it finds; else spans grouped up to long_form_seconds
+        cuts = cut_points(score, len(wave), settings.long_form_seconds, req.chunking or VadSettings(),
+                          group=req.chunking is None)
         loop = asyncio.get_running_loop()
         results: asyncio.Queue = asyncio.Queue()
 
