@@ -6,6 +6,8 @@ Parameter names follow the checkpoint after a short rename (``llm.base_model.mod
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,7 +68,8 @@ class FusedLinear:
     The weights are concatenated along the output dim and each part's ``weight`` is re-pointed to its rows
     of the fused tensor (same values, no copy kept). LoRA adapters (if any part has one, all with the same
     scale) become one A = cat(A_i) [sum r, in] and one block-diagonal B [sum out, sum r] (zeros off the
-    blocks), i.e. two more GEMMs instead of two per adapted part. Not a module: nothing new in state_dict.
+    blocks), i.e. two more GEMMs instead of two per adapted part; a power-of-two scale (alpha / r usually
+    is) is folded into B, exactly. Not a module: nothing new in state_dict.
     """
 
     def __init__(self, parts: list[LoraLinear]):
@@ -78,11 +81,14 @@ class FusedLinear:
             at += n
         adapted = [p for p in parts if p.has_lora]
         self.lora_A = self.lora_B = None
-        self.scale = 0.0
+        self.scale, self.fold = 0.0, 1.0
         if adapted:
             if len({p.scale for p in adapted}) != 1:
                 raise ValueError("fused LoRA parts must share one scale")
             self.scale = adapted[0].scale
+            if math.frexp(self.scale)[0] == 0.5:  # a power of two: folding it into B is exact, one op less
+                self.fold = self.scale
+                self.scale = 1.0
             self.lora_A = torch.cat([p.lora_A.weight.detach() for p in adapted])  # [sum r, in]
             ranks = [p.lora_A.weight.shape[0] for p in adapted]
             self.lora_B = self.weight.new_zeros(self.weight.shape[0], sum(ranks))  # [sum out, sum r]
@@ -91,14 +97,15 @@ class FusedLinear:
                 n = p.weight.shape[0]
                 if p.has_lora:
                     r = p.lora_A.weight.shape[0]
-                    self.lora_B[row : row + n, col : col + r] = p.lora_B.weight.detach()
+                    self.lora_B[row : row + n, col : col + r] = p.lora_B.weight.detach() * self.fold
                     col += r
                 row += n
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
         if self.lora_A is not None:
-            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+            lora = F.linear(F.linear(x, self.lora_A), self.lora_B)
+            y = y + (lora if self.scale == 1.0 else lora * self.scale)
         return y
 
 

@@ -111,3 +111,65 @@ def test_errors_are_clear():
         pa.paged_decode(q[:, :3], kc, vc, table, seq_lens, 16, 1.0)
     with pytest.raises(ValueError, match="power of two"):
         pa.paged_decode(q, kc, vc, table, seq_lens, 12, 1.0)
+
+
+# ---- fused pointwise kernels (engine/kernels/fused.py) against the torch ops of engine/llm.py ----------------
+
+from engine.kernels import fused  # noqa: E402
+from engine.llm import RMSNorm, rotate_half  # noqa: E402
+
+
+# bf16 tolerances are a few ulps: besides the variance sum order, the interpreter converts fp32 -> bf16 by
+# truncation where GPUs round to nearest even.
+
+
+def _norm(dim, dtype, seed):
+    n = RMSNorm(dim, 1e-6)
+    with torch.no_grad():
+        n.weight.copy_(1 + 0.1 * torch.randn(dim, generator=torch.Generator().manual_seed(seed)))
+    return n.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_with_and_without_residual(dtype):
+    g = torch.Generator().manual_seed(4)
+    x, r = torch.randn(5, 96, generator=g).to(dtype), torch.randn(5, 96, generator=g).to(dtype)
+    norm = _norm(96, dtype, 0)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 4e-2}  # a few bf16 ulps
+    with torch.no_grad():
+        torch.testing.assert_close(fused.rmsnorm(x, norm.weight, 1e-6), norm(x), **tol)
+        h, y = fused.rmsnorm(x, norm.weight, 1e-6, residual=r)
+        if dtype == torch.float32:
+            assert torch.equal(h, x + r)  # the residual stream is the torch add, bit for bit
+        else:  # the interpreter casts fp32 -> bf16 by truncation (GPUs round to nearest): within an ulp
+            torch.testing.assert_close(h, x + r, atol=0, rtol=2**-7)
+        torch.testing.assert_close(y, norm(x + r), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_epilogue_norms_rotates_and_stores(dtype):
+    h, kvh, hd, t = 4, 2, 32, 3
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(t, (h + 2 * kvh) * hd, generator=g).to(dtype)
+    ang = torch.rand(t, hd // 2, generator=g) * 6
+    cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
+    qn, kn = _norm(hd, dtype, 1), _norm(hd, dtype, 2)
+    kc, vc = torch.zeros(40, kvh, hd, dtype=dtype), torch.zeros(40, kvh, hd, dtype=dtype)
+    slots = torch.tensor([7, 0, 33])
+    with torch.no_grad():
+        q = fused.qkv_epilogue(qkv, qn.weight, kn.weight, cos, sin, 1e-6, kc, vc, slots, h, kvh, hd)
+        qs, ks, vs = qkv.split([h * hd, kvh * hd, kvh * hd], -1)
+        qr, kr = qn(qs.view(t, h, hd)), kn(ks.view(t, kvh, hd))
+        c, s = cos[:, None], sin[:, None]
+        qr, kr = qr * c + rotate_half(qr) * s, kr * c + rotate_half(kr) * s
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 4e-2}
+    torch.testing.assert_close(q, qr, **tol)
+    torch.testing.assert_close(kc[slots], kr, **tol)
+    assert torch.equal(vc[slots], vs.view(t, kvh, hd))
+    assert not kc[1:7].any() and not vc[8:33].any()
+
+
+def test_silu_mul():
+    gu = torch.randn(3, 2 * 1500, generator=torch.Generator().manual_seed(6))  # two blocks, one partial
+    gate, up = gu.chunk(2, -1)
+    torch.testing.assert_close(fused.silu_mul(gu), torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=1e-6)

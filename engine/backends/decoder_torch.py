@@ -13,8 +13,9 @@ step n+1 is queued, so the GPU never waits for Python); elsewhere at once. Host 
 and runs only when the batch composition changes (admission, release).
 
 Attention, two paths:
-- fast (CUDA, bf16/fp16, triton present, power-of-two block size): the Triton paged kernels
-  (engine/kernels/paged_attention.py) read keys/values through the block table; batch padded to a ladder
+- fast (CUDA, bf16/fp16, triton present, power-of-two block and head sizes): the Triton paged kernels
+  (engine/kernels/paged_attention.py) read keys/values through the block table, fused kernels
+  (engine/kernels/fused.py) do the norms, RoPE, K/V store and SiLU; batch padded to a ladder
   (1, 2, 4, 8, then every 16), and one CUDA graph per batch size, captured after an eager warm-up of that
   shape. Eager runs use the same padded shapes and split count, so graphs and eager give the same tokens.
 - reference (CPU, fp32): SDPA over exactly the live length (keys gathered once per layer, no power-of-two
@@ -34,7 +35,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from engine.llm import attention
+from engine.llm import attention, rope_cos_sin
 from engine.model import CanaryQwenModel
 
 from .base import DecodeRequest
@@ -108,21 +109,6 @@ class _DecodeView:
         return out.reshape(b, h, 1, hd)
 
 
-class _TritonView:
-    """Fast decode cache: Triton store at ``write`` [B], paged attention over ``lens`` [B] via ``table``."""
-
-    def __init__(self, kv: PagedKV, write, table, lens, block_size: int, splits: int):
-        self.kv, self.write, self.table, self.lens = kv, write, table, lens
-        self.block_size, self.splits = block_size, splits
-
-    def attend(self, layer, q, k, v, mask, scale):
-        pa = _kernels()
-        kc, vc = self.kv.k[layer], self.kv.v[layer]
-        pa.store_kv(k[:, :, 0], v[:, :, 0], kc, vc, self.write)
-        out = pa.paged_decode(q[:, :, 0], kc, vc, self.table, self.lens, self.block_size, scale, self.splits)
-        return out.unsqueeze(2)  # [B, h, 1, hd]
-
-
 class TorchDecoder:
     """DecoderBackend on the exact model: ``add`` queues a request for prefill, ``step`` runs one decode step
     of the running ones and the prefill of new requests, ``release`` forgets a request."""
@@ -155,7 +141,8 @@ class TorchDecoder:
         self.prefill_padded_tokens = 0  # padding positions computed alongside them
         if fast is None:
             fast = (dev.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
-                    and block_size & (block_size - 1) == 0 and _kernels().available())
+                    and block_size & (block_size - 1) == 0 and model.cfg.llm.head_dim & (model.cfg.llm.head_dim - 1) == 0
+                    and _kernels().available())
         self.fast = fast
         # Device state, one row per running sequence; rows >= n are padding (done, scratch block, length 1).
         m = max_batch_size
@@ -390,11 +377,34 @@ class TorchDecoder:
         self._pos[:B] += live
 
     def _decode_fast(self, B: int) -> None:
-        """Static-shape step over rows [:B]: what a CUDA graph captures."""
+        """Static-shape step over rows [:B]: what a CUDA graph captures. The layers of engine.llm.Qwen3 with
+        fused kernels: per layer the QKV GEMM (+ LoRA), one norm + RoPE + K/V store epilogue, paged attention,
+        o_proj, add + norm, the gate-up GEMM, SiLU * up, down_proj, add + the next layer's input norm."""
+        from engine.kernels import fused
+
+        pa = _kernels()
+        llm, cfg = self.model.llm, self.model.cfg.llm
         tok, pos, write, live = self._inputs(B)
-        view = _TritonView(self.kv, write, self._table[:B], pos + 1, self.block_size, self.num_splits)
-        hidden = self.model.llm(self.model.embed_tokens(tok)[:, None], pos[:, None], None, view)
-        self._advance(B, hidden, live)
+        h, kvh, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        x = self.model.embed_tokens(tok)  # [B, H]
+        if llm._inv_freq.device != x.device:
+            llm._inv_freq = llm._inv_freq.to(x.device)
+        cos, sin = rope_cos_sin(llm._inv_freq, pos[:, None], x.dtype)  # [B, 1, hd]
+        cos, sin = cos[:, 0], sin[:, 0]
+        lens, table = pos + 1, self._table[:B]
+        normed = fused.rmsnorm(x, llm.layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(llm.layers):
+            a, kc, vc = layer.self_attn, self.kv.k[i], self.kv.v[i]
+            q = fused.qkv_epilogue(a._qkv(normed), a.q_norm.weight, a.k_norm.weight, cos, sin, eps, kc, vc, write,
+                                   h, kvh, hd)  # [B, h, hd]
+            out = pa.paged_decode(q, kc, vc, table, lens, self.block_size, hd**-0.5, self.num_splits)
+            x, normed = fused.rmsnorm(a.o_proj(out.view(B, h * hd)), layer.post_attention_layernorm.weight, eps,
+                                      residual=x)
+            m = layer.mlp
+            down = m.down_proj(fused.silu_mul(m._gate_up(normed)))
+            nxt = llm.layers[i + 1].input_layernorm if i + 1 < len(llm.layers) else llm.norm
+            x, normed = fused.rmsnorm(down, nxt.weight, eps, residual=x)
+        self._advance(B, normed[:, None], live)
 
     def _decode_reference(self, B: int) -> None:
         """Rows [:B] over exactly the longest live length (an upper bound the host tracks)."""
