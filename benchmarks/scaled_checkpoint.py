@@ -60,7 +60,9 @@ def configs(layers: int = 4) -> tuple[dict, dict]:
                      max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645)
     salm = salm_config(enc, lora, 128, llm["hidden_size"], LLM_NAME)
     # NeMo's SALM would otherwise fetch canary-1b-flash and Qwen3-1.7B weights; the weights are all in model/.
-    salm |= {"pretrained_weights": False, "pretrained_asr": "nvidia/canary-1b-flash"}
+    salm |= {"pretrained_weights": False, "pretrained_asr": "nvidia/canary-1b-flash",
+             # NeMo's LoRA install asserts these training-time fields (values as in the release)
+             "freeze_params": ["^llm\\..+$", "^embed_tokens\\..+$"], "prevent_freeze_params": ["^.+\\.lora_.+$"]}
     return salm, llm
 
 
