@@ -77,6 +77,11 @@ def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def _plain(path: str) -> str:
+    """A file:// URL as the local path it names; anything else unchanged."""
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
 def _fs(url: str):
     """(fsspec filesystem, path inside it) for a local path or any fsspec URL."""
     import fsspec
@@ -95,6 +100,7 @@ def _arrow_fs(url: str):
 
 def _join(base: str, path: str) -> str:
     """A manifest's audio path, resolved against the manifest's folder unless absolute or a URL."""
+    path = _plain(path)
     if _is_url(path) or os.path.isabs(path) or not base:
         return path
     return posixpath.normpath(posixpath.join(base, path)) if _is_url(base) else os.path.normpath(
@@ -115,6 +121,7 @@ def read_inputs(source: str, audio_column: str | None = None, id_column: str | N
     """INPUT as a Ray Dataset of (``id``, ``audio``) rows; raises DatasetError naming what is wrong."""
     import ray.data
 
+    source = _plain(source)
     fs, path = _fs(source)
     if not fs.exists(path):
         raise DatasetError(f"{source}: no such file or folder")
@@ -179,7 +186,7 @@ class Transcriber:
             try:
                 if not src:
                     raise ValueError("no audio path")
-                todo.append((i, _read_bytes(src) if _is_url(src) else src.removeprefix("file://")))
+                todo.append((i, _read_bytes(src) if _is_url(src) else src))
             except Exception as e:  # unreadable: this row fails alone
                 rows[i] = _error_row(key, src, e)
         results = self.engine.map(x for _, x in todo)
@@ -270,6 +277,7 @@ def transcribe_dataset(source: str, output: str, engine_kwargs: dict, replicas: 
         raise DatasetError(f"--rows-per-batch {rows_per_batch} x {CALLS_PER_ACTOR} batches per replica exceeds "
                            f"--max-queue {queue}")
     start = time.perf_counter()
+    source, output = _plain(source), _plain(output)
     if not ray.is_initialized():
         ray.init(address=ray_address, log_to_driver=False)
     if gpus_per_replica is None:

@@ -163,21 +163,62 @@ def test_killed_actor_loses_no_rows_and_duplicates_none(cluster, corpus, cli_row
             assert {k: r[k] for k in ref} == ref, r["id"]
 
 
-def test_folder_and_parquet_inputs(cluster, corpus, tmp_path):
-    """A folder of audio and a parquet file with a path column read the same rows (keyed by path)."""
+def test_folder_input_with_parquet_output_and_rerun(cluster, corpus, cli_rows, tmp_path):
+    """A folder of audio (rows keyed by path) into parquet part files; the rerun reads them back and skips all."""
+    import pyarrow.parquet as pq
+
+    audio, out = corpus["manifest"].parent / "audio", tmp_path / "out"
+    first = transcribe_dataset(str(audio), f"file://{out}", engine_kwargs(), replicas=1, rows_per_batch=3,
+                               output_format="parquet", progress=False)
+    rows = [r for part in sorted(out.glob("part-*.parquet")) for r in pq.read_table(part).to_pylist()]
+    assert sorted(r["audio"] for r in rows) == corpus["files"] and all(r["id"] == r["audio"] for r in rows)
+    assert first.processed == len(rows) and first.errors == 1
+    for r in rows:
+        ref = cli_rows[r["audio"]]
+        if "error" in ref:
+            assert r["error"] and r["text"] is None
+        else:
+            assert {k: r[k] for k in ref} == ref and r["error"] is None
+    again = transcribe_dataset(str(audio), str(out), engine_kwargs(), replicas=1, rows_per_batch=3,
+                               output_format="parquet", progress=False)
+    assert (again.processed, again.skipped) == (0, len(rows))
+
+
+def test_parquet_and_url_inputs(cluster, corpus, tmp_path):
+    """A parquet file with a `path` column (relative paths: to its folder), a file:// URL, a table without an
+    audio column."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from runtime.dataset import read_inputs
 
-    audio = corpus["manifest"].parent / "audio"
-    folder = read_inputs(str(audio)).take_all()
-    assert sorted(r["audio"] for r in folder) == corpus["files"] and all(r["id"] == r["audio"] for r in folder)
-    table = pa.table({"path": [f"audio/{Path(f).name}" for f in corpus["files"]]})
-    pq.write_table(table, tmp_path / "corpus.parquet")
-    shutil.copytree(audio, tmp_path / "audio")
+    shutil.copytree(corpus["manifest"].parent / "audio", tmp_path / "audio")
+    names = [Path(f).name for f in corpus["files"]]
+    pq.write_table(pa.table({"path": [f"audio/{n}" for n in names]}), tmp_path / "corpus.parquet")
     rows = read_inputs(str(tmp_path / "corpus.parquet")).take_all()
-    assert sorted(r["audio"] for r in rows) == sorted(str(tmp_path / "audio" / Path(f).name) for f in corpus["files"])
+    assert sorted(r["audio"] for r in rows) == sorted(str(tmp_path / "audio" / n) for n in names)
+    via_url = read_inputs(f"file://{corpus['manifest']}").take_all()
+    assert sorted((r["id"], r["audio"]) for r in via_url) == sorted(
+        (i, str(corpus["manifest"].parent / "audio" / ("broken.wav" if i == "broken" else i.split("-", 1)[1])))
+        for i in corpus["ids"])
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match="no audio path column"):
-        pq.write_table(pa.table({"x": [1]}), tmp_path / "bad.parquet")
         read_inputs(str(tmp_path / "bad.parquet"))
+
+
+def test_actor_reads_fsspec_urls(corpus, cli_rows):
+    """The actor's own work, in this process: audio at an fsspec URL (memory://) is fetched and transcribed like
+    the local file; a missing one is an error row naming it."""
+    import fsspec
+    import pyarrow as pa
+
+    from runtime.dataset import Transcriber
+
+    local = next(f for f in corpus["files"] if "error" not in cli_rows[f])
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/corpus/clip.wav", Path(local).read_bytes())
+    batch = pa.table({"id": ["a", "b"], "audio": ["memory://corpus/clip.wav", "memory://corpus/missing.wav"]})
+    got, missing = Transcriber(engine_kwargs())(batch).to_pylist()
+    ref = cli_rows[local]
+    assert {k: got[k] for k in ref if k != "audio"} == {k: v for k, v in ref.items() if k != "audio"}
+    assert got["error"] is None and missing["text"] is None and "memory://corpus/missing.wav" in missing["error"]
