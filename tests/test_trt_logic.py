@@ -292,7 +292,7 @@ def test_ensemble_encoder_loads_the_perception_alone_and_emits_the_engine_dtype(
     (table, frames), = encode([wave])
     assert table.dtype == info.dtype == torch.bfloat16 and table.device.type == "cpu"
     assert frames == table.shape[0] == TINY.tensors["single.a2_morning.proj_lens"].item()
-    want = TINY.tensors["single.a2_morning.proj"][0]
+    want = TINY.tensors["single.a2_morning.proj"][0, :frames]  # NeMo's rows past the length are padding
     assert rel_err(table.float(), want) < 2e-2  # bf16 encoder against NeMo's fp32 embeddings
 
 

@@ -78,13 +78,15 @@ class AudioEncoder:
 def open_audio_encoder(kind: str, model: str, artifacts: str | None, device: str | None, dtype: str) -> AudioEncoder:
     """The encoder of the multimodal_encoders model: the perception module alone (no LLM on this GPU), its
     weights loaded only for the torch backend (ONNX / TensorRT need its configs alone)."""
-    from engine.backends.encoder import open_encoder
+    from engine.backends.encoder import best_available, open_encoder
     from engine.checkpoint import resolve_model_dir
     from engine.export.onnx import load_perception, perception_skeleton
 
     from ..common import pick_device, pick_dtype
 
     dev, dt = pick_device(device), pick_dtype(dtype, pick_device(device))
+    if kind in (None, "auto"):
+        kind = best_available(artifacts, dev)
     model_dir = resolve_model_dir(model)
     perception = load_perception(model_dir).to(dev, dt) if kind == "torch" else perception_skeleton(model_dir)
     return AudioEncoder(open_encoder(kind, perception, model_dir / "model.safetensors", artifacts, dev, dt))
