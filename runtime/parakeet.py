@@ -58,6 +58,7 @@ class ParakeetOptions:
     max_batch_size: int = 64  # utterances encoded and decoded together
     max_queue: int = 1024  # waiting requests before submit() raises QueueFull
     max_batch_seconds: float = 1280.0  # padded audio per encoder batch (bounds activation memory)
+    max_padding: float = 1.5  # an encoder batch's padded audio / its real audio at most (except one request)
     max_audio_seconds: float = 600.0  # longest single request; longer audio: transcribe_long
     cuda_graphs: bool = True  # capture the decode step (CUDA only); False: eager
 
@@ -228,14 +229,20 @@ class ParakeetEngine:
         self.steps += 1
 
     def _batches(self, reqs: list[_Request]) -> list[list[_Request]]:
-        """Length-sorted batches whose padded audio stays within max_batch_seconds."""
+        """Length-sorted batches whose padded audio stays within max_batch_seconds and max_padding x their
+        real audio (the encoder's cost is the padded size)."""
         limit = self.options.max_batch_seconds * TARGET_RATE
         out: list[list[_Request]] = []
+        real = 0
         for r in sorted(reqs, key=lambda r: len(r.audio)):
-            if out and (len(out[-1]) + 1) * len(r.audio) <= limit:  # sorted: r is the batch's longest
+            n = len(r.audio)
+            padded = (len(out[-1]) + 1) * n if out else 0  # sorted: r would be the batch's longest
+            if out and padded <= limit and padded <= self.options.max_padding * (real + n):
                 out[-1].append(r)
+                real += n
             else:
                 out.append([r])
+                real = n
         return out
 
     @torch.inference_mode()

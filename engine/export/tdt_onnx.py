@@ -75,8 +75,9 @@ class JointGraph(nn.Module):
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
             dynamic_axes: dict) -> None:
-    # The TorchScript exporter: it writes nn.LSTM as one ONNX LSTM node, which every runtime (and the TensorRT
-    # parser) implements; the decoder graphs have no length-dependent shapes that tracing could freeze.
+    # The TorchScript exporter: the decoder graphs have no length-dependent shapes that tracing could freeze.
+    # The one-step LSTM (torch.lstm_cell) becomes Gemm, Sigmoid, Tanh and Mul nodes: plain operators for
+    # every runtime and for the TensorRT parser.
     torch.onnx.export(module, args, str(path), dynamo=False, opset_version=DECODER_OPSET, input_names=inputs,
                       output_names=outputs, dynamic_axes=dynamic_axes)
 
