@@ -1,0 +1,175 @@
+"""Parakeet-TDT against Canary-Qwen on the same clips, on this CPU, in one run: a throughput ratio.
+
+    python benchmarks/parakeet_cpu.py [--copies 4] [--repeats 3] [--threads 1] [--out benchmarks/results/parakeet_cpu.json]
+
+Both models go through their engines' front doors (ParakeetEngine and Engine: submit every clip, wait for
+all), on the same waveforms, decoded beforehand. Two pairs:
+1. ``fixtures``: the NeMo golden checkpoints tests/fixtures/tdt-tiny and tests/fixtures/tiny-canary-qwen (tiny,
+   d_model 64; Canary-Qwen stops at its own end of turn or max_new_tokens). Mostly engine overhead.
+2. ``cpu-scale``: both release architectures scaled down alike. One FastConformer (benchmarks/common.py
+   small_dicts: 4 layers, d_model 256) in front of (a) Canary-Qwen's scaled LLM (4 layers x 256, LoRA, the full
+   151,936-token vocabulary) generating 3.7 tokens per second of audio (eos never taken, as
+   benchmarks/runtime_cpu.py), and (b) Parakeet-v2's full-size TDT decoder (2-layer LSTM of 640, joint 640, the
+   reconstructed v2 config) with tdt-tiny's 128-piece tokenizer (joint output 134 instead of 1030). Random
+   weights: Parakeet's token count is whatever random weights emit (reported).
+Clips: the five tdt-tiny utterances (13.1 s), ``--copies`` times. Runs are interleaved (Canary, Parakeet,
+Canary, ...) and the median of ``--repeats`` is reported, so both models see the same machine load.
+None of this predicts the real-size ratio (the model card's ~6.5x on GPUs): the encoders here are 8x
+shallower and 4x narrower than the release ones, and a GPU runs neither like a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import ROOT, machine_name, random_model, small_dicts, tokens_for
+
+from engine.checkpoint import build_model, resolve  # noqa: E402
+from engine.parakeet import NemoArchive, ParakeetTDT, TdtConfig, load_parakeet, read_tokenizer  # noqa: E402
+from runtime.audio import load_audio  # noqa: E402
+from runtime.engine import Engine, EngineOptions  # noqa: E402
+from runtime.parakeet import ParakeetEngine, ParakeetOptions  # noqa: E402
+
+TDT_TINY = ROOT / "tests" / "fixtures" / "tdt-tiny"
+CANARY_TINY = ROOT / "tests" / "fixtures" / "tiny-canary-qwen"
+V2_CONFIG = ROOT / "tests" / "fixtures" / "parakeet-v2-config" / "model_config.yaml"
+
+
+def clips(copies: int) -> list[np.ndarray]:
+    waves = [load_audio(p) for p in sorted((TDT_TINY / "audio").glob("*.wav"))]
+    return [w for _ in range(copies) for w in waves]
+
+
+@torch.no_grad()
+def random_parakeet(seed: int = 0):
+    """The v2 config with the small_dicts encoder and tdt-tiny's labels, random weights; tdt-tiny's tokenizer."""
+    import yaml
+
+    raw = yaml.safe_load(V2_CONFIG.read_text())
+    salm, _ = small_dicts()
+    small = salm["perception"]["encoder"]
+    raw["encoder"].update({k: small[k] for k in ("n_layers", "d_model", "n_heads", "subsampling_conv_channels")})
+    raw["joint"]["jointnet"]["encoder_hidden"] = small["d_model"]
+    archive = NemoArchive(TDT_TINY / "model" / "parakeet.nemo")
+    tiny = yaml.safe_load(archive.read("model_config.yaml", "model config"))
+    raw["labels"] = tiny["labels"]
+    raw["decoder"]["vocab_size"] = raw["joint"]["num_classes"] = len(tiny["labels"])
+    tok = read_tokenizer(archive, tiny)
+    cfg = TdtConfig.from_nemo(raw, "benchmark Parakeet config")
+    torch.manual_seed(seed)
+    net = ParakeetTDT(cfg)
+    for name, t in list(net.named_parameters()) + list(net.named_buffers()):
+        if not t.is_floating_point():
+            continue
+        if name.endswith("window"):
+            t.copy_(torch.hann_window(t.shape[0], periodic=False))
+        elif name.endswith(".fb"):
+            t.uniform_(0, 0.02)
+        elif name.endswith("running_var"):
+            t.fill_(1.0)
+        elif t.dim() == 1:
+            t.fill_(1.0) if "norm" in name and name.endswith("weight") else t.normal_(0, 0.02)
+        elif "pos_bias" in name:
+            t.normal_(0, 0.1)
+        else:
+            t.normal_(0, 1 / math.sqrt(t[0].numel()))
+    net.prediction.embed.weight[cfg.blank_id].zero_()  # padding_idx row, as NeMo's
+    return net.eval(), tok
+
+
+def time_canary(engine: Engine, waves, max_new: list[int] | None) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    handles = [engine.submit(w, 16000, max_new_tokens=None if max_new is None else max_new[i])
+               for i, w in enumerate(waves)]
+    tokens = sum(len(h.result().token_ids) for h in handles)
+    return time.perf_counter() - t0, tokens
+
+
+def time_parakeet(engine: ParakeetEngine, waves) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    handles = [engine.submit(w, 16000) for w in waves]
+    tokens = sum(len(h.result().token_ids) for h in handles)
+    return time.perf_counter() - t0, tokens
+
+
+def compare(name: str, canary: Engine, parakeet: ParakeetEngine, waves, max_new, repeats: int, note: str) -> dict:
+    audio_s = sum(len(w) for w in waves) / 16000
+    time_canary(canary, waves[:2], None if max_new is None else max_new[:2])  # warm-up (allocator, threads)
+    time_parakeet(parakeet, waves[:2])
+    runs = {"canary-qwen": [], "parakeet-tdt": []}
+    tokens = {}
+    for _ in range(repeats):
+        t, tokens["canary-qwen"] = time_canary(canary, waves, max_new)
+        runs["canary-qwen"].append(t)
+        t, tokens["parakeet-tdt"] = time_parakeet(parakeet, waves)
+        runs["parakeet-tdt"].append(t)
+    out = {"pair": name, "note": note, "clips": len(waves), "audio_s": round(audio_s, 3), "models": {}}
+    for model, ts in runs.items():
+        med = statistics.median(ts)
+        out["models"][model] = {"seconds": [round(x, 4) for x in ts], "median_s": round(med, 4),
+                                "rtfx": round(audio_s / med, 2), "tokens": tokens[model],
+                                "tokens_per_audio_s": round(tokens[model] / audio_s, 2)}
+    out["parakeet_over_canary_throughput"] = round(
+        out["models"]["parakeet-tdt"]["rtfx"] / out["models"]["canary-qwen"]["rtfx"], 2)
+    print(f"{name}: Canary-Qwen RTFx {out['models']['canary-qwen']['rtfx']}, Parakeet-TDT RTFx "
+          f"{out['models']['parakeet-tdt']['rtfx']}: ratio {out['parakeet_over_canary_throughput']}x", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--copies", type=int, default=4, help="times the 5 clips are repeated (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "parakeet_cpu.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    waves = clips(args.copies)
+    results = []
+    opts = EngineOptions(max_batch_size=args.max_batch_size)
+    popts = ParakeetOptions(max_batch_size=args.max_batch_size)
+
+    net, tok = build_model(resolve(CANARY_TINY / "model", CANARY_TINY / "llm"))
+    from engine.backends.encoder_torch import TorchEncoder
+
+    with Engine(net, tok, TorchEncoder(net.perception), options=opts) as canary, \
+            ParakeetEngine(*load_parakeet(TDT_TINY / "model" / "parakeet.nemo"), popts) as parakeet:
+        results.append(compare("fixtures", canary, parakeet, waves, None, args.repeats,
+                               "NeMo golden tiny checkpoints (d_model 64, 2 layers); Canary stops at its own eos"))
+
+    net, tok = random_model(*small_dicts())
+    tok = copy.copy(tok)
+    tok.eos_id = 10**9  # generation lengths are set per clip (tokens_for)
+    max_new = [tokens_for(len(w) / 16000) for w in waves]
+    with Engine(net, tok, TorchEncoder(net.perception), options=opts) as canary, \
+            ParakeetEngine(*random_parakeet(), popts) as parakeet:
+        results.append(compare("cpu-scale", canary, parakeet, waves, max_new, args.repeats,
+                               "same small FastConformer (4 x 256); Canary's scaled LLM with the full vocabulary "
+                               "vs Parakeet-v2's full-size TDT decoder; random weights"))
+
+    body = {"benchmark": "parakeet_cpu", "machine": machine_name() if callable(machine_name) else platform.machine(),
+            "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
+            "max_batch_size": args.max_batch_size, "repeats": args.repeats,
+            "timed": "submit of every clip (audio already decoded) to the last result: frontend, encoder, decoding, "
+                     "detokenisation (and TDT timestamps)",
+            "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(body, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
