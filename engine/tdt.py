@@ -61,6 +61,7 @@ class GreedyTDT:
     def __init__(self, model: ParakeetTDT, cuda_graphs: bool = True):
         self.model, self.cfg = model, model.cfg
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
+        self.bucket_rows = self.cuda_graphs  # pad the batch to a power of two rows (bounds the graph count)
         self._durations = torch.tensor(self.cfg.durations, dtype=torch.long, device=model.device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, _StepState]] = {}
 
@@ -137,7 +138,7 @@ class GreedyTDT:
         b, t, _ = enc.shape
         if b == 0:
             return []
-        if self.cuda_graphs:  # rows padded to a power of two (length 0: inactive) bound the graph count
+        if self.bucket_rows:  # rows padded to a power of two (length 0: never active) bound the graph count
             rows = 1 << (b - 1).bit_length()
             enc = torch.cat((enc, enc.new_zeros(rows - b, t, enc.shape[2])))
             enc_lens = torch.cat((enc_lens, enc_lens.new_zeros(rows - b)))

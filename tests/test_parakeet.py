@@ -138,6 +138,37 @@ def test_batch_composition_does_not_change_results():
             assert hyp_fields(h) == {k: utts[i]["single"][k] for k in hyp_fields(h)}, (idx, i)
 
 
+def test_padded_rows_change_nothing():
+    """Rows of length 0 (the power-of-two padding used with CUDA graphs) stay inactive and alter no other row."""
+    net, _ = model()
+    utts = utterances()[:3]
+    _, _, enc, enc_lens = encode([audio(u) for u in utts])
+    dec = GreedyTDT(net)
+    dec.bucket_rows = True  # 3 rows -> 4
+    hyps = dec.decode(enc, enc_lens)
+    assert len(hyps) == 3
+    for u, h in zip(utts, hyps):
+        assert hyp_fields(h) == {k: u["single"][k] for k in hyp_fields(h)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decoding_matches_eager_and_nemo():
+    from engine.parakeet import load_parakeet as load
+
+    net, _ = load(NEMO, device="cuda")
+    utts = utterances()
+    waves = [audio(u) for u in utts]
+    x, lens = pad_batch(waves)
+    with torch.no_grad():
+        _, _, enc, enc_lens = net.encode(x.cuda(), lens.cuda())
+    graphed, eager = GreedyTDT(net, cuda_graphs=True), GreedyTDT(net, cuda_graphs=False)
+    assert graphed.cuda_graphs and not eager.cuda_graphs
+    for _ in range(2):  # the second call replays the captured graph
+        for u, a, b in zip(utts, graphed.decode(enc, enc_lens), eager.decode(enc, enc_lens)):
+            assert hyp_fields(a) == hyp_fields(b) == {k: u["single"][k] for k in hyp_fields(a)}, u["id"]
+
+
 @pytest.mark.parametrize("uid", ["utt02", "utt04"])
 def test_prediction_and_joint_traces(uid):
     """Every joint call (its inputs, raw logits, frame, argmaxes) and every prediction-network call that NeMo
