@@ -301,3 +301,15 @@ def test_tensorrt_backend_without_tensorrt_says_so(files, model, tmp_path):
     (tmp_path / "tensorrt_metadata.json").write_text("{}")
     with pytest.raises(RuntimeError, match="TensorRT is not usable here"):
         make_encoder("tensorrt", model, files, tmp_path)
+
+
+def test_artifacts_with_other_frontend_settings_are_refused(model, tmp_path):
+    from engine.export.artifacts import ArtifactError, check_model_config
+
+    fe, enc = model.cfg.frontend, model.cfg.encoder
+    meta = {"model": {"sample_rate": fe.sample_rate, "hop_length": fe.hop_length, "n_mels": fe.n_mels,
+                      "subsampling_factor": enc.subsampling_factor}}
+    check_model_config(meta, fe, enc, tmp_path / "onnx_metadata.json")
+    meta["model"]["subsampling_factor"] *= 2  # the host-side lengths would be wrong
+    with pytest.raises(ArtifactError, match="re-export the encoder"):
+        check_model_config(meta, fe, enc, tmp_path / "onnx_metadata.json")
