@@ -290,13 +290,13 @@ class InOrder:
     that thread; the server passes ``loop.call_soon_threadsafe``, the CLI a queue its main thread drains. A
     full engine queue (QueueFull) defers the next submission until one of this run's items finishes; with
     none in the engine it is that item's result. ``cancel()`` cancels what is in the engine and submits no
-    more."""
+    more. ``on_end(i, result)`` hears of every item that leaves the engine, cancelled ones included."""
 
-    def __init__(self, submit, items: list, window: int, on_item, on_done=None, call=None):
+    def __init__(self, submit, items: list, window: int, on_item, on_done=None, call=None, on_end=None):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self._submit, self.items, self.window = submit, items, window
-        self._on_item, self._on_done = on_item, on_done
+        self._on_item, self._on_done, self._on_end = on_item, on_done, on_end
         self._call = call or (lambda fn, *a: fn(*a))
         self._lock = threading.RLock()
         self._handles: dict = {}  # item index -> handle, while in the engine
@@ -354,6 +354,8 @@ class InOrder:
                 self._results[i] = h.result(0)
             except Exception as e:
                 self._results[i] = e
+            if self._on_end is not None:  # every item that was in the engine, cancelled ones included
+                self._on_end(i, self._results[i])
             self._fill()
 
     def _deliver(self) -> None:

@@ -538,11 +538,10 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
         loop = asyncio.get_running_loop()
         results: asyncio.Queue = asyncio.Queue()
 
-        def on_item(i, r):
+        def on_end(i, r):  # every segment that was in the engine
             if not isinstance(r, BaseException):
                 metrics.segments.labels(r.finish_reason).inc()
                 metrics.tokens.inc(len(r.token_ids))
-            results.put_nowait((i, r))
 
         def on_done():
             runs.discard(run)
@@ -550,7 +549,8 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
 
         window = settings.long_form_window or max(1, engine.options.max_batch_size // 4)
         run = InOrder(lambda piece, cb: engine.submit(piece, TARGET_RATE, on_delta=cb), [wave[a:b] for a, b in cuts],
-                      window, on_item, on_done, call=loop.call_soon_threadsafe)
+                      window, lambda i, r: results.put_nowait((i, r)), on_done, call=loop.call_soon_threadsafe,
+                      on_end=on_end)
         runs.add(run)
         run.start()
 

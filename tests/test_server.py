@@ -360,4 +360,126 @@ def test_long_audio_is_transcribed_long_form_with_timestamps(server, client):
     assert [(s.start, s.end, s.text) for s in verbose.segments] == [(s.start, s.end, s.text) for s in ref.segments]
     events = list(create(model=MODEL, file=("long.wav", data), stream=True))
     assert events[-1].type == "transcript.text.done" and events[-1].text == ref.text
-    assert "".join(e.delta for e in events[:-1]).strip() == ref.text
+    assert "".join(e.delta for e in events[:-1]) == ref.text  # no trailing space the text lacks
+
+
+def _speech_with_pauses(copies: int) -> np.ndarray:
+    """The fixture's utterances ``copies`` times over, 1 s of quiet noise between them."""
+    noise = (np.random.default_rng(0).standard_normal(16000) * 1e-4).astype(np.float32)
+    parts = []
+    for stem in TINY.stems * copies:
+        parts += [TINY.audio(stem).numpy(), noise]
+    return np.concatenate(parts)
+
+
+def _wav(wave: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, wave, 16000, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def _post_raw(url: str, data: bytes, fields: dict):
+    """Start a multipart transcription request on a connection of our own (to abandon it at will)."""
+    import http.client
+
+    from runtime.bench_serve import multipart
+
+    body, ctype = multipart(fields, "long.wav", data)
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.request("POST", "/v1/audio/transcriptions", body, {"Content-Type": ctype})
+    return conn
+
+
+def test_abandoned_long_form_request_is_cancelled_and_short_ones_are_not_starved():
+    """A long-form request may hold at most `long_form_window` (2) segments in the engine: with the encoder
+    held, the engine's queue holds its two segments and then the three short requests that arrive, while the
+    rest of its segments wait in the server. The client then goes away: every segment is cancelled, queued or
+    running, none of the waiting ones is ever submitted, the short requests complete correctly, and every
+    counter comes back to zero."""
+    from runtime.longform import plan_segments
+
+    settings = ServerSettings(max_upload_bytes=4 << 20, max_audio_seconds=120, long_form_seconds=8.0,
+                              long_form_window=2)
+    server = LiveServer(build_engine(max_batch_size=8), settings)
+    engine, url = server.engine, server.url
+    try:
+        wave = _speech_with_pauses(2)  # ~38 s
+        n = len(plan_segments(wave, 8.0)[0])
+        assert n >= 4
+        engine.encoder.gate.clear()
+        conn = _post_raw(url, _wav(wave), {"model": MODEL, "response_format": "json"})
+        wait_for(lambda: metric(url, "canary_long_form_segments_in_flight") == 2, what="two segments submitted")
+        assert metric(url, "canary_long_form_segments_waiting") == n - 2
+        assert engine.stats()["queued"] == 2
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        with ThreadPoolExecutor(3) as pool:
+            shorts = [pool.submit(transcribe, client, stem) for stem in ("a1_yes", "a3_fox", "a2_morning")]
+            wait_for(lambda: engine.stats()["queued"] == 5, what="the short requests queued")
+            # fairness: the short requests wait behind 2 of the long request's segments, not behind all n
+            assert metric(url, "canary_long_form_segments_waiting") == n - 2
+            conn.sock.shutdown(socket.SHUT_RDWR)  # the long-form client goes away
+            conn.close()
+            wait_for(lambda: metric(url, "canary_long_form_segments_waiting") == 0, what="the remaining segments dropped")
+            engine.encoder.gate.set()
+            assert [f.result(120).text for f in shorts] == [golden_text(s) for s in ("a1_yes", "a3_fox", "a2_morning")]
+        wait_for(lambda: metric(url, "canary_long_form_requests") == 0, what="the long-form run to end")
+        assert metric(url, 'canary_long_form_segments_finished_total{reason="cancelled"}') == 2
+        assert sum(metric(url, f'canary_long_form_segments_finished_total{{reason="{r}"}}')
+                   for r in ("stop", "length")) == 0  # nothing past the window was ever transcribed
+        assert metric(url, 'canary_request_errors_total{kind="client_disconnected"}') == 1
+        wait_for(lambda: engine.stats()["queued"] == 0 and engine.stats()["running"] == 0, what="engine idle")
+        assert engine.stats()["kv_blocks_used"] == 0
+        for name in ("canary_long_form_segments_in_flight", "canary_long_form_segments_waiting",
+                     "canary_requests_in_progress", "canary_queue_depth", "canary_running_sequences"):
+            assert metric(url, name) == 0, name
+    finally:
+        engine.encoder.gate.set()
+        server.stop()
+
+
+def test_long_form_stream_sends_each_segment_once_it_and_those_before_are_done():
+    """With one segment in the engine at a time and the encoder held from the second segment on, the first
+    segment's text must arrive while the rest are not even encoded; the deltas, in order, are the segments'
+    texts with the separating space leading, and join to exactly the final text."""
+    from runtime.api import CanaryQwen
+    from runtime.longform import transcribe_long
+
+    settings = ServerSettings(max_upload_bytes=4 << 20, max_audio_seconds=120, long_form_seconds=8.0,
+                              long_form_window=1)
+    server = LiveServer(build_engine(max_batch_size=8), settings)
+    engine = server.engine
+    calls, release = [], threading.Event()
+    inner = engine.encoder.encode
+
+    def encode(audio):  # the first segment is encoded; later ones wait for `release`
+        if len(audio):  # (the engine may call with nothing to encode)
+            calls.append(len(audio))
+        if len(calls) > 1:
+            release.wait(120)
+        return inner(audio)
+
+    engine.encoder.encode = encode
+    try:
+        wave = _speech_with_pauses(1)  # ~19 s: several segments
+        ref = transcribe_long(CanaryQwen(engine.model, engine.tokenizer), wave, 16000, max_segment_s=8.0,
+                              max_new_tokens=engine.options.max_new_tokens)
+        texts = [s.text for s in ref.segments if s.text]
+        assert len(ref.segments) >= 2 and len(texts) >= 2
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        events = client.audio.transcriptions.create(model=MODEL, file=("long.wav", _wav(wave)), stream=True)
+        stream = iter(events)
+        first = next(stream)
+        assert first.type == "transcript.text.delta" and first.delta == texts[0]
+        assert metric(server.url, "canary_long_form_segments_waiting") >= 1  # the rest not yet transcribed
+        release.set()
+        rest = list(stream)
+        *deltas, done = [first, *rest]
+        assert [d.delta for d in deltas] == [texts[0]] + [" " + t for t in texts[1:]]
+        assert "".join(d.delta for d in deltas) == done.text == ref.text
+        assert done.usage.output_tokens == sum(len(s.token_ids) for s in ref.segments)
+    finally:
+        release.set()
+        server.stop()
