@@ -374,6 +374,10 @@ def run(args: argparse.Namespace) -> int:
     except (DatasetError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # from Ray: an engine that cannot start in its actor (bad model, no memory), a lost cluster
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        print(f"error: the job failed: {lines[-1]}", file=sys.stderr)
+        return 1
     print(f"{summary.processed} files ({summary.errors} errors, {summary.skipped} done before), "
           f"{summary.audio_seconds:.1f} s of audio in {summary.wall_seconds:.1f} s: RTFx {summary.rtfx}",
           file=sys.stderr)

@@ -222,3 +222,12 @@ def test_actor_reads_fsspec_urls(corpus, cli_rows):
     ref = cli_rows[local]
     assert {k: got[k] for k in ref if k != "audio"} == {k: v for k, v in ref.items() if k != "audio"}
     assert got["error"] is None and missing["text"] is None and "memory://corpus/missing.wav" in missing["error"]
+
+
+def test_an_engine_that_cannot_start_fails_the_job_clearly(cluster, corpus, tmp_path, capsys):
+    code = main(["transcribe-dataset", str(corpus["manifest"]), "--output", str(tmp_path / "out"), "--no-progress",
+                 "--rows-per-batch", "3", *MODEL_ARGS, "--model", str(tmp_path / "no-model")])
+    assert code == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: the job failed:") and "no-model" in err and "no such folder" in err
+    assert not list((tmp_path / "out").glob("part-*"))
