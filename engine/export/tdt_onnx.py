@@ -138,3 +138,30 @@ def export_parakeet(model: ParakeetTDT, checkpoint: Path, output_dir: str | Path
     meta = export_onnx(ParakeetPerception(model), weights, Path(output_dir), precision, max_duration)
     meta["decoder"] = export_decoder(model, output_dir, weights)
     return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.export.tdt_onnx --model <hub id | .nemo | folder> --output DIR``."""
+    import argparse
+
+    from ..parakeet import load_parakeet, locate
+    from .onnx import PRECISIONS
+
+    p = argparse.ArgumentParser(description="Export Parakeet-TDT: frontend.onnx, encoder.onnx, prediction.onnx, "
+                                            "joint.onnx and their metadata")
+    p.add_argument("--model", required=True, help="hub id, .nemo file or extracted folder")
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="encoder precision (decoder: fp32)")
+    p.add_argument("--max-duration", type=float, default=40.0, help="longest utterance in seconds the encoder takes")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    net, _ = load_parakeet(args.model)
+    meta = export_parakeet(net, locate(args.model), args.output, args.precision, args.max_duration)
+    print(f"{args.output}: encoder {meta['precision']} up to {meta['shapes']['max_duration']} s, decoder graphs fp32")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
