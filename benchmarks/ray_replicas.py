@@ -4,10 +4,10 @@
 
 The fixture model (tests/fixtures/tiny-canary-qwen, random weights, fp32, CPU) on the fixture manifest repeated
 ``--repeat`` times, each row with its own id. One local Ray cluster; every pass starts fresh actors (engine
-load included in its wall time, as in a real job) and writes to a fresh output folder. Passes alternate
-1, 2, 1, 2, ... replicas (``--rounds`` of each) so that load from elsewhere on the machine falls on both alike,
-after one untimed warm-up job; each replica gets one CPU and one torch thread. Reported: per pass wall time, files/s and RTFx; the ratio of
-the medians of the 2-replica and 1-replica throughput.
+load included in its wall time, as in a real job) and writes to a fresh output folder. After one untimed
+warm-up job, passes alternate 1, 2, 1, 2, ... replicas (``--rounds`` of each) so that load from elsewhere on
+the machine falls on both alike; each replica gets one CPU and one torch thread. Reported: per pass wall time,
+files/s and RTFx, the machine's load average, and the ratio of the median 2-replica and 1-replica throughputs.
 """
 
 from __future__ import annotations

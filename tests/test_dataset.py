@@ -106,7 +106,8 @@ def test_rows_equal_the_cli_and_a_rerun_does_nothing(cluster, corpus, cli_rows, 
     assert len({r["text"] for r in rows if r["text"]}) == 5  # five different clips, five different transcripts
 
     # a second run over the finished output transcribes nothing (and starts no engine)
-    again = transcribe_dataset(str(corpus["manifest"]), str(out), engine_kwargs(), replicas=2, rows_per_batch=3, progress=False)
+    again = transcribe_dataset(str(corpus["manifest"]), str(out), engine_kwargs(), replicas=2, rows_per_batch=3,
+                               progress=False)
     assert (again.processed, again.skipped, again.files) == (0, len(rows), len(rows))
     assert rows_of(out) == rows
 

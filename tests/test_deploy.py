@@ -82,7 +82,8 @@ def test_services_pdbs_and_hpas_point_at_the_deployments():
         for metric in hpa["spec"]["metrics"]:
             assert metric["pods"]["metric"]["name"] in adapter_metrics
         assert hpa["spec"]["minReplicas"] >= 2  # the PDB's maxUnavailable 1 then leaves one serving
-        claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
+                  if "persistentVolumeClaim" in v}
         assert claims <= set(resources("PersistentVolumeClaim"))
     assert any("nv_inference_queue_duration_us" in r["seriesQuery"] for r in rules)
 
