@@ -256,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
     from engine.export.trtllm import DecoderBuildError
 
     try:
+        if args.gpus and not all(g.strip().isdigit() for g in args.gpus.split(",")):
+            raise ValueError(f"--gpus takes comma-separated GPU indices (0,1,...), got {args.gpus!r}")
         gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
         if gpus and args.device == "cpu":
             raise ValueError("--gpus places the engines on GPUs: drop --device cpu")
