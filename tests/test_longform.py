@@ -190,7 +190,7 @@ def test_cut_in_a_pause_keeps_each_utterance_whole(engine):
 
 
 T = LongTranscription("hello there general kenobi", [
-    Segment(0.0, 1.5, "hello there", [1, 2], "stop"),
+    Segment(0.0, 1.5, "hello there", [1, 2], "stop", 0.25, [-0.5, -1.5]),
     Segment(2.0, 3.0, "", [], "stop"),
     Segment(3661.25, 3723.0005, "general kenobi", [3], "length")], 3800.0, "silero")
 
@@ -207,39 +207,41 @@ def test_timestamped_json():
     assert body["text"] == T.text and body["duration"] == 3800.0 and body["vad"] == "silero"
     assert [s["id"] for s in body["segments"]] == [0, 1, 2]
     assert body["segments"][2] == {"id": 2, "start": 3661.25, "end": 3723.0005, "text": "general kenobi",
-                                   "token_ids": [3], "finish_reason": "length"}
+                                   "token_ids": [3], "finish_reason": "length", "no_speech_prob": None}
+    assert body["segments"][0]["avg_logprob"] == -1.0 and body["segments"][0]["no_speech_prob"] == 0.25
 
 
-def test_cli_hook_writes_srt(monkeypatch, capsys, tmp_path, engine, long_audio):
-    """``longform.run`` with the arguments of ``canary-trt transcribe`` plus ``longform.add_arguments``, as the
-    CLI calls it for ``--long-form --output-format srt`` (Engine.from_pretrained is replaced by the fixture
-    engine: the loader is not what is tested here)."""
-    import argparse
+def test_segment_scores():
+    """no_speech_prob: 1 - the best MIN_SPEECH_S (3-frame) mean of the VAD scores inside the segment, so one
+    loud frame is not speech; compression_ratio: Whisper's bytes / zlib-compressed bytes."""
+    import zlib
 
-    from runtime.options import add_engine_arguments
+    score = np.zeros(100, np.float32)
+    score[10] = 1.0  # a click
+    score[50:53] = 0.9  # a short word
+    f = 512
+    assert longform.no_speech_prob(score, 0, 40 * f) == pytest.approx(1 - 1 / 3, abs=1e-4)
+    assert longform.no_speech_prob(score, 40 * f, 100 * f) == pytest.approx(0.1, abs=1e-4)
+    assert longform.no_speech_prob(score, 60 * f, 100 * f) == 1.0
+    text = "the the the the the the the the the the"
+    assert longform.compression_ratio(text) == pytest.approx(len(text) / len(zlib.compress(text.encode())), abs=1e-4)
+    assert longform.compression_ratio(text) > 2 > longform.compression_ratio("a quick brown fox")
+    assert longform.compression_ratio("") == 0.0
+
+
+def test_cli_writes_srt(capsys, tmp_path, engine, long_audio):
+    """``canary-trt transcribe --output-format srt`` on one long file: the SRT of the long-form transcription
+    on stdout; no progress bar when stderr is not a terminal."""
+    from runtime.cli import main
 
     wave, _ = long_audio
     path = tmp_path / "long.wav"
     sf.write(path, wave, SR)
-    built = {}
-
-    def fake(cls, **kw):
-        built.update(kw)
-        return Engine(engine.model, engine.tokenizer, engine.encoder,
-                      options=EngineOptions(max_new_tokens=kw["max_new_tokens"]))
-
-    monkeypatch.setattr(Engine, "from_pretrained", classmethod(fake))
-    p = argparse.ArgumentParser()
-    p.add_argument("files", nargs="+")
-    add_engine_arguments(p)
-    p.add_argument("--output-format", default="text")
-    p.add_argument("--no-progress", action="store_true")
-    longform.add_arguments(p)
-    args = p.parse_args([str(path), "--model", "m", "--max-new-tokens", str(TINY.max_new_tokens), "--batch-size", "4",
-                         "--max-seq-len", "512", "--long-form", "--max-segment-seconds", "60", "--vad", "energy", "--output-format", "srt"])
-    assert longform.run(args) == 0
+    args = [str(path), "--model", str(TINY.root / "model"), "--llm", str(TINY.root / "llm"), "--device", "cpu",
+            "--max-new-tokens", str(TINY.max_new_tokens), "--batch-size", "4", "--max-seq-len", "512",
+            "--max-segment-seconds", "60", "--vad", "energy", "--output-format", "srt"]
+    assert main(["transcribe", *args]) == 0
     out, err = capsys.readouterr()
-    assert "segment" in err  # the progress bar
+    assert "segment" not in err
     expected = transcribe_long(engine, wave, SR, max_segment_s=60.0, vad="energy")
     assert out == to_srt(expected) and len(expected.segments) == 2
-    assert built["max_batch_size"] == 4 and built["max_seq_len"] == 60 * 12.5 + 64 + TINY.max_new_tokens  # raised
