@@ -58,7 +58,8 @@ def test_triton_repo_cli_gpus_and_instances_parse_as_model_config(tmp_path):
         cfg = text_format.Parse((out / "canary_qwen" / "config.pbtxt").read_text(), pb.ModelConfig())
         (group,) = cfg.instance_group
         assert (group.kind, group.count, list(group.gpus)) == (kind, count, gpus)
-    assert run(parser.parse_args([str(tmp_path / "x"), *model, "--gpus", "0,0"])) == 2
+    for bad in ("0,0", "0,x", "-1"):
+        assert run(parser.parse_args([str(tmp_path / "x"), *model, f"--gpus={bad}"])) == 2
     assert run(parser.parse_args([str(tmp_path / "y"), *model, "--gpus", "0", "--device", "cpu"])) == 2
 
 
