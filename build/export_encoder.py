@@ -37,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="longest utterance in seconds the graphs take (training maximum: 40)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from runtime.parakeet import is_parakeet
+
+    if is_parakeet(args.model):  # Parakeet-TDT (issue 14): this encoder path, plus the TDT decoder graphs
+        from engine.export.tdt_onnx import main as export_parakeet
+
+        return export_parakeet(["--model", str(args.model), "--output", str(args.output), "--precision",
+                                args.precision, "--max-duration", str(args.max_duration)])
     model_dir = resolve_model_dir(args.model)
     meta = export_onnx(load_perception(model_dir), model_dir / "model.safetensors", args.output, args.precision,
                        args.max_duration)

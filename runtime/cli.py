@@ -435,10 +435,18 @@ def check_encoder(args: argparse.Namespace) -> int:
         print("error: --batch-size must be >= 1", file=sys.stderr)
         return 2
     try:
-        files = resolve(args.model, args.llm)
+        from .parakeet import is_parakeet
+
+        if is_parakeet(args.model):  # Parakeet-TDT (issue 14): encoder + joint.enc projection, as exported
+            from engine.export.tdt_onnx import load_tdt_perception
+
+            perception, weights = load_tdt_perception(args.model)
+        else:
+            files = resolve(args.model, args.llm)
+            perception, weights = load_perception(files), files.weights  # float32, without the LLM
         dev = pick_device(args.device)
-        perception = load_perception(files).to(dev)  # float32, without the LLM
-        backend = open_encoder(args.backend, perception, files.weights, args.artifacts, dev, torch.float32,
+        perception = perception.to(dev)
+        backend = open_encoder(args.backend, perception, weights, args.artifacts, dev, torch.float32,
                                args.batch_size)
         waves = [load_audio(f) for f in args.files]
         got = backend.encode(waves)  # raises for audio longer than the artifacts take

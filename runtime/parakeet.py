@@ -98,13 +98,29 @@ class ParakeetEngine:
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = "nvidia/parakeet-tdt-0.6b-v2",
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                        encoder: str = "torch", artifacts: str | os.PathLike | None = None,
                         **options) -> "ParakeetEngine":
         """Load a release (hub id, ``.nemo`` file or extracted folder) and start the engine. ``dtype`` is the
         encoder's (default bfloat16 on GPUs, float32 on CPUs); the prediction and joint networks are float32.
+        ``encoder``: torch | onnx | tensorrt | auto, with ``artifacts`` the folder of
+        ``python -m engine.export.tdt_onnx`` (checked against this checkpoint's sha256).
         ``options``: ParakeetOptions fields."""
+        from engine.parakeet import locate
+
         dev = pick_device(device)
-        net, tok = load_parakeet(model, dtype=pick_dtype(dtype, dev), device=dev)
-        return cls(net, tok, ParakeetOptions(**options))
+        dt = pick_dtype(dtype, dev)
+        net, tok = load_parakeet(model, dtype=dt, device=dev)
+        backend = None
+        if encoder != "torch":
+            from engine.backends.encoder import open_encoder
+            from engine.export.tdt_onnx import ParakeetPerception, checkpoint_file
+
+            opts = ParakeetOptions(**options)
+            backend = open_encoder(encoder, ParakeetPerception(net), checkpoint_file(locate(model)), artifacts, dev,
+                                   dt, opts.max_batch_size)
+            if backend.name == "torch":  # auto without artifacts: the model's own path is the same computation
+                backend = None
+        return cls(net, tok, ParakeetOptions(**options), encoder=backend)
 
     # ---- client side (any thread) ------------------------------------------------------------------
 

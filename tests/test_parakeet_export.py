@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import pad_batch, rel_err
-from test_parakeet import NEMO, audio, model, utterances
+from test_parakeet import NEMO, ROOT, audio, model, utterances
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -127,3 +127,39 @@ def test_onnx_only_greedy_decoding_matches_nemo(exported):
         emb, emb_lens = enc.run(None, {"audio_features": feats, "feature_lengths": feat_lens})
         got = greedy_numpy(pred, joint, emb[0, : int(emb_lens[0])], meta)
         assert got == (u["single"]["token_ids"], u["single"]["timestep"], u["single"]["token_duration"]), u["id"]
+
+
+def test_engine_with_the_onnx_encoder(exported):
+    """ParakeetEngine on the exported encoder (the shared ONNX backend, checkpoint hash checked): NeMo's results."""
+    from runtime.parakeet import ParakeetEngine
+
+    out, _ = exported
+    with ParakeetEngine.from_pretrained(NEMO, device="cpu", encoder="onnx", artifacts=out) as e:
+        assert e.encoder is not None and e.encoder.name == "onnx"
+        results = [r for _, r in e.map([str(ROOT / u["file"]) for u in utterances()])]
+    for r, u in zip(results, utterances()):
+        ts = u["transcribe_single_timestamps"]
+        assert (r.text, r.token_ids, r.extra["durations"]) == (ts["text"], ts["token_ids"], ts["token_duration"])
+        assert [{k: w[k] for k in ("word", "start", "end")} for w in r.extra["words"]] == [
+            {k: w[k] for k in ("word", "start", "end")} for w in ts["word"]]
+
+
+def test_check_encoder_and_the_build_script(exported, tmp_path, capsys):
+    """``canary-trt check-encoder`` and ``build/export_encoder.py`` take a Parakeet --model too."""
+    import subprocess
+    import sys
+
+    from runtime.cli import main
+
+    out, _ = exported
+    wavs = [str(ROOT / u["file"]) for u in utterances()]
+    rc = main(["check-encoder", *wavs, "--model", str(NEMO), "--artifacts", str(out), "--backend", "onnx",
+               "--device", "cpu", "--batch-size", "2"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "# ok: worst cosine" in text and text.count("\n") == len(wavs) + 3
+    script = ROOT.parents[2] / "build" / "export_encoder.py"
+    done = subprocess.run([sys.executable, str(script), "--model", str(NEMO), "--output", str(tmp_path / "a"),
+                           "--max-duration", "3"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = {p.name for p in (tmp_path / "a").iterdir()}
+    assert {"frontend.onnx", "encoder.onnx", "prediction.onnx", "joint.onnx", "tdt_metadata.json"} <= names

@@ -124,16 +124,31 @@ def export_decoder(model: ParakeetTDT, output_dir: str | Path, checkpoint: Path 
     return meta
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """The file whose sha256 ties artifacts to a Parakeet release: the ``.nemo``, or an extracted folder's
+    model_weights.ckpt."""
+    path = Path(path)
+    return path / "model_weights.ckpt" if path.is_dir() else path
+
+
+def load_tdt_perception(model: str | Path) -> tuple[ParakeetPerception, Path]:
+    """(float32 perception view of a Parakeet release, its ``checkpoint_file``): what check-encoder compares
+    exported artifacts against."""
+    from ..parakeet import load_parakeet, locate
+
+    net, _ = load_parakeet(model)
+    return ParakeetPerception(net).eval(), checkpoint_file(locate(model))
+
+
 def export_parakeet(model: ParakeetTDT, checkpoint: Path, output_dir: str | Path, precision: str = "fp32",
                     max_duration: float = 40.0) -> dict:
     """Encoder (frontend.onnx, encoder.onnx: the shared path) and decoder graphs into ``output_dir``.
 
-    ``model``: the float32 reference (``load_parakeet``); ``checkpoint``: the ``.nemo`` file (or folder's
-    model_weights.ckpt) it came from, hashed into both metadata files."""
+    ``model``: the float32 reference (``load_parakeet``); ``checkpoint``: the ``.nemo`` file or extracted
+    folder it came from (``checkpoint_file`` is hashed into both metadata files)."""
     from .onnx import export_onnx
 
-    checkpoint = Path(checkpoint)
-    weights = checkpoint / "model_weights.ckpt" if checkpoint.is_dir() else checkpoint
+    weights = checkpoint_file(checkpoint)
     model = model.float().eval()
     meta = export_onnx(ParakeetPerception(model), weights, Path(output_dir), precision, max_duration)
     meta["decoder"] = export_decoder(model, output_dir, weights)
