@@ -374,7 +374,8 @@ def transcribe_cli(args) -> int:
     try:
         engine = ParakeetEngine.from_pretrained(
             args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
-            max_queue=args.max_queue, cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+            max_queue=args.max_queue, cuda_graphs=not getattr(args, "no_cuda_graphs", False),
+            encoder=getattr(args, "encoder", "torch") or "torch", artifacts=getattr(args, "artifacts", None))
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
