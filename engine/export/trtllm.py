@@ -126,9 +126,10 @@ def write_trtllm_checkpoint(out: Path, hf: dict[str, torch.Tensor], llm: LLMConf
     save_file(trtllm_weights(hf, llm), str(out / "rank0.safetensors"))
 
 
-# TensorRT-LLM's Attention layer builds the q/k RMSNorms that qwen_type "qwen3" turns on with its own eps
-# argument, which QWenDecoderLayer does not pass (PR #5650), so they use its default 1e-5; the checkpoint's
-# norm_epsilon only reaches the layer norms. Nothing in the checkpoint can change this.
+# TensorRT-LLM's Attention layer builds the q/k RMSNorms that qwen_type "qwen3" turns on (PR #5650:
+# qk_layernorm=True) with its own eps argument, default 1e-5, which QWenDecoderLayer does not set from the
+# config; the checkpoint's norm_epsilon only reaches the layer norms, so nothing in it can change this. (From
+# the source review of issue 16; the stored TensorRT-LLM attention.py read here predates Qwen3.)
 TRTLLM_QK_NORM_EPS = 1e-5
 
 
