@@ -152,9 +152,16 @@ class Engine:
         from engine.checkpoint import file_sha256
 
         opts = EngineOptions(**options)
+        if decoder not in ("torch", "trtllm"):
+            raise ValueError(f"unknown decoder {decoder!r} (torch | trtllm)")
         dev = pick_device(device)
         files = resolve(model, llm)
-        net, tok = build_model(files, dtype=pick_dtype(dtype, dev), device=dev, merge_lora=merge_lora)
+        if decoder == "trtllm":  # TensorRT-LLM holds the LLM on the GPU itself: only the audio side goes there
+            net, tok = build_model(files, dtype=pick_dtype(dtype, dev), device="cpu")
+            net.llm = None
+            net.perception.to(dev), net.embed_tokens.to(dev)  # embed_tokens: where model.device/dtype come from
+        else:
+            net, tok = build_model(files, dtype=pick_dtype(dtype, dev), device=dev, merge_lora=merge_lora)
         enc = make_encoder(encoder, net, files, artifacts, max_batch=opts.encoder_batch_size)
         dec = None
         if decoder == "trtllm":
@@ -164,8 +171,6 @@ class Engine:
                 raise ValueError("decoder='trtllm' needs decoder_dir (the output of build/build_decoder.py)")
             dec = TrtllmDecoder(decoder_dir, cuda_graphs=opts.cuda_graphs,
                                 expected_weights_sha256=file_sha256(files.weights))
-        elif decoder != "torch":
-            raise ValueError(f"unknown decoder {decoder!r} (torch | trtllm)")
         return cls(net, tok, enc, decoder=dec, options=opts)
 
     def _default_kv_tokens(self) -> int:
