@@ -154,6 +154,8 @@ class Engine:
         opts = EngineOptions(**options)
         if decoder not in ("torch", "trtllm"):
             raise ValueError(f"unknown decoder {decoder!r} (torch | trtllm)")
+        if decoder == "trtllm" and decoder_dir is None:
+            raise ValueError("decoder='trtllm' needs decoder_dir (the output of build/build_decoder.py)")
         dev = pick_device(device)
         files = resolve(model, llm)
         if decoder == "trtllm":  # TensorRT-LLM holds the LLM on the GPU itself: only the audio side goes there
@@ -167,8 +169,6 @@ class Engine:
         if decoder == "trtllm":
             from engine.backends.decoder_trtllm import TrtllmDecoder
 
-            if decoder_dir is None:
-                raise ValueError("decoder='trtllm' needs decoder_dir (the output of build/build_decoder.py)")
             dec = TrtllmDecoder(decoder_dir, cuda_graphs=opts.cuda_graphs,
                                 expected_weights_sha256=file_sha256(files.weights))
         return cls(net, tok, enc, decoder=dec, options=opts)
