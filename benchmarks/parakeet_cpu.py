@@ -60,13 +60,15 @@ def random_parakeet(seed: int = 0):
     salm, _ = small_dicts()
     small = salm["perception"]["encoder"]
     raw["encoder"].update({k: small[k] for k in ("n_layers", "d_model", "n_heads", "subsampling_conv_channels")})
-    raw["joint"]["jointnet"]["encoder_hidden"] = small["d_model"]
+    raw["joint"]["jointnet"]["encoder_hidden"] = raw["model_defaults"]["enc_hidden"] = small["d_model"]
     archive = NemoArchive(TDT_TINY / "model" / "parakeet.nemo")
     tiny = yaml.safe_load(archive.read("model_config.yaml", "model config"))
     raw["labels"] = tiny["labels"]
     raw["decoder"]["vocab_size"] = raw["joint"]["num_classes"] = len(tiny["labels"])
     tok = read_tokenizer(archive, tiny)
     cfg = TdtConfig.from_nemo(raw, "benchmark Parakeet config")
+    RANDOM_PARAKEET_CONFIG.clear()
+    RANDOM_PARAKEET_CONFIG.update(raw)
     torch.manual_seed(seed)
     net = ParakeetTDT(cfg)
     for name, t in list(net.named_parameters()) + list(net.named_buffers()):
@@ -86,6 +88,75 @@ def random_parakeet(seed: int = 0):
             t.normal_(0, 1 / math.sqrt(t[0].numel()))
     net.prediction.embed.weight[cfg.blank_id].zero_()  # padding_idx row, as NeMo's
     return net.eval(), tok
+
+
+RANDOM_PARAKEET_CONFIG: dict = {}  # model_config.yaml of the last random_parakeet(), for the NeMo baseline
+
+
+def nemo_baseline(nemo_python: str, copies: int, repeats: int, threads: int, batch: int) -> dict:
+    """NeMo 3.0's ``transcribe`` (in another Python: benchmarks/parakeet_nemo_side.py) against ParakeetEngine,
+    on the same random cpu-scale weights and the same files, timed alike (paths in, texts out, after a
+    warm-up). Also a parity check of the 2-layer prediction network: the texts and token ids must agree."""
+    import subprocess
+    import tarfile
+    import tempfile
+
+    import yaml
+
+    from engine.parakeet import checkpoint_names
+
+    net, tok = random_parakeet()
+    tmp = Path(tempfile.mkdtemp(prefix="parakeet-nemo-"))
+    (tmp / "model_config.yaml").write_text(yaml.safe_dump(RANDOM_PARAKEET_CONFIG, allow_unicode=True))
+    tok_dir = tmp / "tokenizer"
+    tok_dir.mkdir()
+    with tarfile.open(TDT_TINY / "model" / "parakeet.nemo") as t:
+        for m in t.getmembers():
+            for suffix in ("tokenizer.model", "vocab.txt", "tokenizer.vocab"):
+                if m.name.endswith("_" + suffix):
+                    (tok_dir / suffix).write_bytes(t.extractfile(m).read())
+    state = net.state_dict()
+    torch.save(dict(zip(checkpoint_names(net.cfg, list(state)), state.values())), tmp / "weights.pt")
+    wavs = [str(p) for _ in range(copies) for p in sorted((TDT_TINY / "audio").glob("*.wav"))]
+    job = {"model_config": str(tmp / "model_config.yaml"), "tokenizer_dir": str(tok_dir),
+           "weights": str(tmp / "weights.pt"), "wavs": wavs, "batch_size": batch, "repeats": repeats,
+           "threads": threads, "out": str(tmp / "nemo.json")}
+    (tmp / "job.json").write_text(json.dumps(job))
+    side = Path(__file__).resolve().parent / "parakeet_nemo_side.py"
+    done = subprocess.run([nemo_python, str(side), str(tmp / "job.json")], capture_output=True, text=True,
+                          timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"NeMo side failed:\n{done.stderr[-3000:]}")
+    nemo = json.loads((tmp / "nemo.json").read_text())
+    audio_s = sum(len(load_audio(w)) for w in wavs) / 16000
+    with ParakeetEngine(net, tok, ParakeetOptions(max_batch_size=batch)) as engine:
+        time_parakeet_paths(engine, wavs[:2])
+        ours, results = [], None
+        for _ in range(repeats):
+            t, results = time_parakeet_paths(engine, wavs)
+            ours.append(t)
+    same_text = sum(r.text == t for r, t in zip(results, nemo["texts"]))
+    same_ids = sum(r.token_ids == i for r, i in zip(results, nemo["token_ids"]))
+    out = {"pair": "nemo-baseline", "clips": len(wavs), "audio_s": round(audio_s, 3), "batch_size": batch,
+           "note": "same random cpu-scale Parakeet weights in NeMo 3.0 and here; NeMo: model.transcribe(paths, "
+                   "batch_size) (greedy_batch, timestamps off); here: ParakeetEngine.submit(path) for every file "
+                   "(timestamps computed); both from file paths to texts",
+           "nemo": {"version": nemo["nemo"], "seconds": [round(x, 4) for x in nemo["seconds"]],
+                    "rtfx": round(audio_s / statistics.median(nemo["seconds"]), 2)},
+           "this_engine": {"seconds": [round(x, 4) for x in ours], "rtfx": round(audio_s / statistics.median(ours), 2)},
+           "texts_equal": f"{same_text}/{len(wavs)}", "token_ids_equal": f"{same_ids}/{len(wavs)}",
+           "tokens": sum(len(r.token_ids) for r in results)}
+    out["speedup_vs_nemo"] = round(out["this_engine"]["rtfx"] / out["nemo"]["rtfx"], 2)
+    print(f"nemo-baseline: NeMo RTFx {out['nemo']['rtfx']}, this engine {out['this_engine']['rtfx']}: "
+          f"{out['speedup_vs_nemo']}x; texts equal {out['texts_equal']}, token ids {out['token_ids_equal']}",
+          flush=True)
+    return out
+
+
+def time_parakeet_paths(engine: ParakeetEngine, paths: list[str]):
+    t0 = time.perf_counter()
+    results = [h.result() for h in [engine.submit(p) for p in paths]]
+    return time.perf_counter() - t0, results
 
 
 def time_canary(engine: Engine, waves, max_new: list[int] | None) -> tuple[float, int]:
@@ -134,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "parakeet_cpu.json")
+    p.add_argument("--nemo-python", default=None, metavar="PYTHON",
+                   help="a Python with nemo-toolkit[asr]==3.0.0: also time NeMo's transcribe on the same weights")
+    p.add_argument("--only-nemo", action="store_true", help="with --nemo-python: skip the Canary-Qwen pairs")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     waves = clips(args.copies)
@@ -141,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = EngineOptions(max_batch_size=args.max_batch_size)
     popts = ParakeetOptions(max_batch_size=args.max_batch_size)
 
+    if args.nemo_python:
+        results.append(nemo_baseline(args.nemo_python, args.copies, args.repeats, args.threads, args.max_batch_size))
+    if args.only_nemo:
+        return write(args, results)
     net, tok = build_model(resolve(CANARY_TINY / "model", CANARY_TINY / "llm"))
     from engine.backends.encoder_torch import TorchEncoder
 
@@ -159,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                                "same small FastConformer (4 x 256); Canary's scaled LLM with the full vocabulary "
                                "vs Parakeet-v2's full-size TDT decoder; random weights"))
 
+    return write(args, results)
+
+
+def write(args, results: list[dict]) -> int:
     body = {"benchmark": "parakeet_cpu", "machine": machine_name() if callable(machine_name) else platform.machine(),
             "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
             "max_batch_size": args.max_batch_size, "repeats": args.repeats,

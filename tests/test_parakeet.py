@@ -357,3 +357,51 @@ def test_real_size_v2_strict_load():
     del tensors["encoder.layers.23.norm_out.bias"]
     with pytest.raises(CheckpointError, match=r"missing \(1\): encoder.layers.23.norm_out.bias"):
         build_from_state(cfg, tensors, "random v2 weights")
+
+
+# ---- tdt-tiny-2layer: a 2-layer prediction network, xscaling, encoder biases, a joint without dropout ---------
+
+ROOT2 = FIXTURES / "tdt-tiny-2layer"
+
+
+@lru_cache(maxsize=1)
+def model2():
+    from safetensors.torch import load_file
+
+    return load_parakeet(ROOT2 / "model" / "parakeet.nemo"), json.loads((ROOT2 / "golden.json").read_text()), \
+        load_file(str(ROOT2 / "golden.safetensors"))
+
+
+def test_2layer_fixture_single_and_batched():
+    """NeMo's own decode of tests/fixtures/tdt-tiny-2layer (made by its make_fixture.py): the settings v2 uses
+    and tdt-tiny lacks (pred_rnn_layers 2), and xscaling, use_bias and joint_net.1 (no joint dropout)."""
+    (net, tok), meta, g = model2()
+    cfg = net.cfg
+    assert (cfg.pred_rnn_layers, cfg.encoder.xscaling, cfg.encoder.use_bias, cfg.joint_out_index) == (2, True, True, 1)
+    assert count_parameters(net) == meta["n_parameters"]
+    utts = meta["utterances"]
+    waves = [audio(u) for u in utts]
+    dec = GreedyTDT(net)
+    singles = []
+    for u, w in zip(utts, waves):
+        _, _, enc, enc_lens = encode_with(net, [w])
+        assert enc_lens.tolist() == g[f"single.{u['id']}.enc_len"].tolist()
+        assert rel_err(enc, g[f"single.{u['id']}.enc"].transpose(1, 2)) < TOL
+        singles.append(dec.decode(enc, enc_lens)[0])
+    _, _, enc, enc_lens = encode_with(net, waves)
+    for u, h, hb in zip(utts, singles, dec.decode(enc, enc_lens)):
+        want = {k: u["single"][k] for k in ("token_ids", "timestep", "token_duration")}
+        assert {k: v for k, v in hyp_fields(h).items() if k in want} == want, u["id"]
+        assert hyp_fields(hb) == hyp_fields(h), u["id"]
+        r = finalize(h, tok, cfg)
+        ts = u["transcribe_single_timestamps"]
+        assert r.text == u["single"]["text"] == ts["text"]
+        assert [{k: w[k] for k in ("word", "start_offset", "end_offset", "start", "end")} for w in r.words] == ts["word"]
+        assert [{k: s[k] for k in ("segment", "start_offset", "end_offset", "start", "end")}
+                for s in r.segments] == ts["segment"]
+
+
+def encode_with(net, waves):
+    x, lens = pad_batch(waves)
+    with torch.no_grad():
+        return net.encode(x, lens)
