@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import posixpath
 import sys
@@ -278,10 +279,25 @@ def transcribe_dataset(source: str, output: str, engine_kwargs: dict, replicas: 
                            f"--max-queue {queue}")
     start = time.perf_counter()
     source, output = _plain(source), _plain(output)
+    actor_cpus = replicas * cpus_per_replica
     if not ray.is_initialized():
-        ray.init(address=ray_address, log_to_driver=False)
+        if ray_address is None and not os.environ.get("RAY_ADDRESS"):
+            # A new cluster of our own on this machine ("local": not one that `ray start` left running), with
+            # room for every actor and the tasks that read INPUT (logical CPUs: a CPU engine gets one torch
+            # thread per CPU of its own).
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(actor_cpus) + 1),
+                     log_to_driver=False)
+        else:
+            ray.init(address=ray_address, log_to_driver=False)
+    cluster = ray.cluster_resources()
     if gpus_per_replica is None:
-        gpus_per_replica = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        gpus_per_replica = 1 if cluster.get("GPU", 0) > 0 else 0
+    # A fixed pool larger than the cluster waits until an autoscaler grows it; Ray Data also needs a CPU beyond
+    # the actors' to read INPUT with.
+    if cluster.get("CPU", 0) - actor_cpus < 1 or replicas * gpus_per_replica > cluster.get("GPU", 0):
+        log.warning("%d replicas x (%g CPUs, %g GPUs) + 1 CPU to read with > the cluster's %g CPUs and %g GPUs: "
+                    "the job waits until an autoscaler adds them", replicas, cpus_per_replica, gpus_per_replica,
+                    cluster.get("CPU", 0), cluster.get("GPU", 0))
     if not gpus_per_replica and engine_kwargs.get("device", "auto") == "auto":
         engine_kwargs = {**engine_kwargs, "device": "cpu"}  # no GPU reserved: never use one by accident
     DataContext.get_current().enable_progress_bars = False  # ours (files, audio seconds, RTFx) instead
@@ -341,7 +357,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder (local or URL) of part files; a rerun skips the rows already there")
     parser.add_argument("--output-format", choices=OUTPUT_FORMATS, default="jsonl")
     parser.add_argument("--ray-address", default=None,
-                        help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster on this machine)")
+                        help="Ray cluster to join, e.g. ray://head:10001, or 'auto' for the one `ray start` runs "
+                             "here (default: $RAY_ADDRESS, else a new cluster on this machine)")
     parser.add_argument("--replicas", type=int, default=1, help="actors, each with one engine (default: 1)")
     parser.add_argument("--gpus-per-replica", type=float, default=None,
                         help="default: 1 when the cluster has GPUs, else 0 (engines on CPU)")
