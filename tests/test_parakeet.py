@@ -405,3 +405,39 @@ def encode_with(net, waves):
     x, lens = pad_batch(waves)
     with torch.no_grad():
         return net.encode(x, lens)
+
+
+def test_hub_ids_fetch_only_what_the_family_needs(tmp_path, monkeypatch):
+    """A hub id: small files first; a Canary-Qwen repo (config.json) never has its .nemo fetched; a Parakeet
+    repo's .nemo is; several .nemo files are refused. The download itself is engine.checkpoint._download."""
+    import shutil
+
+    import engine.checkpoint as checkpoint
+
+    repos = {"nvidia/canary-qwen-2.5b": {"config.json": (FIXTURES / "tiny-canary-qwen" / "model" / "config.json"),
+                                         "extra.nemo": NEMO},
+             "nvidia/parakeet-tdt-0.6b-v2": {"parakeet-tdt-0.6b-v2.nemo": NEMO},
+             "someone/two-nemos": {"a.nemo": NEMO, "b.nemo": NEMO}}
+    calls = []
+
+    def fake_download(repo_id, patterns, what):
+        import fnmatch
+
+        calls.append((repo_id, tuple(patterns)))
+        root = tmp_path / repo_id.replace("/", "--") / str(len(calls))
+        root.mkdir(parents=True)
+        for name, src in repos[repo_id].items():
+            if any(fnmatch.fnmatch(name, p) for p in patterns):
+                shutil.copy(src, root / name)
+        return root
+
+    monkeypatch.setattr(checkpoint, "_download", fake_download)
+    assert detect_family("nvidia/canary-qwen-2.5b") == CANARY_QWEN
+    assert all("*.nemo" not in p for _, p in calls)
+    calls.clear()
+    assert detect_family("nvidia/parakeet-tdt-0.6b-v2") == PARAKEET_TDT
+    assert [("*.nemo" in p) for _, p in calls] == [False, True]
+    net, _ = load_parakeet("nvidia/parakeet-tdt-0.6b-v2")
+    assert count_parameters(net) == count_parameters(model()[0])
+    with pytest.raises(NemoError, match="several .nemo files"):
+        load_parakeet("someone/two-nemos")
