@@ -2,7 +2,7 @@
 
     python benchmarks/decode_cost.py --json                       # this code
     python benchmarks/decode_cost.py --json --rev c2ba643         # the decoder of an older commit (before)
-    python benchmarks/decode_cost.py --json --cpu-step            # + CPU decode step time, old vs new
+    python benchmarks/decode_cost.py --json --cpu-step c2ba643    # + CPU decode step time, old vs new
 
 - ``host_us_per_seq``: wall time of ``TorchDecoder.step()`` per running sequence at batch 128, with the
   device part of the step (what a CUDA graph replays: embedding, layers, LM head, sampling) replaced by a
@@ -13,8 +13,9 @@
   Triton kernel launch counts one; Triton runs under ``TRITON_INTERPRET=1`` on CPU). Per layer = count with
   two layers minus count with one.
 - ``graphs``: decode graphs the batch ladder captures at max_batch_size 128 and 256.
-- ``--cpu-step``: mean decode step (real forward) of the decoder at ``--rev`` against this one, same run,
-  alternating passes, fp32, 2 threads, batch 16, small_dicts: the same-run ratio is the number to read.
+- ``--cpu-step OLD_REV``: mean decode step (real forward) of OLD_REV's decoder (on the unfused layers)
+  against this one, same run, alternating passes, fp32, 2 threads, batch 16, 150 tokens of context, at the
+  release widths with 4 LLM layers (``--width small``: small_dicts): the same-run ratio is the number.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import argparse
 import importlib.util
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: the Triton kernels run under the interpreter
@@ -33,15 +36,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: the Triton kernels run un
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from common import ROOT, random_model, small_dicts  # noqa: E402
+from common import ROOT, random_model, release_dicts, small_dicts  # noqa: E402
 
 from engine.backends import decoder_torch  # noqa: E402
 from engine.backends.base import DecodeRequest  # noqa: E402
 from engine.kernels import fused, paged_attention  # noqa: E402
 
 BS = 16
-NOT_LAUNCHES = {"empty", "empty_strided", "empty_like", "new_empty", "detach", "lift_fresh", "alias", "_local_scalar_dense",
-                "set_", "resize_", "_unsafe_view", "scalar_tensor"}
+NOT_LAUNCHES = {"empty", "empty_strided", "empty_like", "new_empty", "detach", "lift_fresh", "alias",
+                "_local_scalar_dense", "set_", "resize_", "_unsafe_view", "scalar_tensor"}  # no kernel
 
 
 def old_decoder_module(rev: str):
@@ -165,24 +168,49 @@ def host_us_per_seq(mod, new: bool, b: int = 128, steps: int = 20, trials_n: int
     return sorted(trials)[len(trials) // 2]
 
 
-def cpu_step_ms(old, passes: int = 3, b: int = 16, steps: int = 8) -> dict:
-    """Decode step time (real forward) of the old and the new decoder, alternating passes, same weights."""
-    salm, llm = small_dicts()
-    models = {"old": random_model(salm, llm)[0], "new": random_model(salm, llm)[0]}
-    mods = {"old": old, "new": decoder_torch}
+class unfused:
+    """The model's layers without their fused projections for a while (the old decoder's view of it); the
+    checkpoint weights are views into the fused tensors, so nothing is copied."""
+
+    def __init__(self, model):
+        self.layers = model.llm.layers
+
+    def __enter__(self):
+        self.saved = [(l.self_attn._qkv, l.mlp._gate_up) for l in self.layers]
+        for l in self.layers:
+            l.self_attn._qkv = l.mlp._gate_up = None
+
+    def __exit__(self, *exc):
+        for l, (qkv, gu) in zip(self.layers, self.saved):
+            l.self_attn._qkv, l.mlp._gate_up = qkv, gu
+
+
+def cpu_step_ms(old, width: str = "release", passes: int = 3, b: int = 16, steps: int = 8, context: int = 150) -> dict:
+    """Decode step time (real forward) of the old and the new decoder on one model, alternating passes.
+    ``width``: "release" (release widths, 4 LLM layers, LoRA r=128 on q/v: the model of the NeMo comparison)
+    or "small" (small_dicts)."""
+    salm, llm = small_dicts() if width == "small" else release_dicts()
+    if width != "small":
+        llm.update(num_hidden_layers=4)
+        salm["perception"]["encoder"].update(n_layers=1)  # the encoder plays no part here
+    model = random_model(salm, llm)[0]
+    model.llm.fuse()
     times = {"old": [], "new": []}
     for _ in range(passes):
         for k in ("old", "new"):
-            dec = make(mods[k], models[k], b, 150, steps + 4)
-            dec.step()
-            t = time.perf_counter()
-            for _ in range(steps):
+            with unfused(model) if k == "old" else nullcontext():
+                dec = make(old if k == "old" else decoder_torch, model, b, context, steps + 4)
                 dec.step()
-            times[k].append((time.perf_counter() - t) / steps * 1e3)
+                t = time.perf_counter()
+                for _ in range(steps):
+                    dec.step()
+                times[k].append((time.perf_counter() - t) / steps * 1e3)
+            del dec
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    return {"batch": b, "context": 150, "threads": torch.get_num_threads(), "old_ms": round(med["old"], 2),
-            "new_ms": round(med["new"], 2), "speedup": round(med["old"] / med["new"], 3),
-            "passes": {k: [round(x, 2) for x in v] for k, v in times.items()}}
+    return {"model": f"{width} widths, {model.cfg.llm.num_layers} LLM layers, vocab {model.cfg.llm.vocab_size}, fp32",
+            "batch": b, "context": context, "threads": torch.get_num_threads(), "old_ms": round(med["old"], 1),
+            "new_ms": round(med["new"], 1), "speedup": round(med["old"] / med["new"], 3),
+            "passes_ms": {k: [round(x, 1) for x in v] for k, v in times.items()}}
 
 
 def main(argv=None) -> int:
@@ -191,13 +219,15 @@ def main(argv=None) -> int:
     p.add_argument("--rev", default=None, help="measure the decoder of this git revision instead")
     p.add_argument("--cpu-step", metavar="OLD_REV", default=None,
                    help="also time the CPU decode step of OLD_REV's decoder against this one")
+    p.add_argument("--width", choices=["release", "small"], default="release", help="model of --cpu-step")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     new = args.rev is None
     mod = decoder_torch if new else old_decoder_module(args.rev)
-    report = {"code": "working tree" if new else args.rev, "machine": "CPU", "torch": torch.__version__,
+    report = {"code": "working tree" if new else args.rev, "machine": platform.processor() or "CPU",
+              "torch": torch.__version__,
               "host_us_per_seq": round(host_us_per_seq(mod, new), 2),
               "launches_per_layer": launches_per_layer(mod, new),
               "launch_ops_one_layer": launches(mod, 1, new)[1],
@@ -205,7 +235,7 @@ def main(argv=None) -> int:
                          "256": len(mod.ladder(256)) * (1 if new else len(_old_rungs(mod, 256)))},
               "fast_path": "Triton paged attention (interpreter on CPU)" if new else "gather + SDPA"}
     if args.cpu_step:
-        report["cpu_decode_step"] = cpu_step_ms(old_decoder_module(args.cpu_step))
+        report["cpu_decode_step"] = cpu_step_ms(old_decoder_module(args.cpu_step), args.width)
     print(json.dumps(report) if args.json else json.dumps(report, indent=1))
     return 0
 

@@ -129,7 +129,8 @@ def decode_report(model, batch_sizes, context: int = 300, steps: int = 30, bandw
         rows.append(row)
     first = eager[batch_sizes[0]]
     return {"rows": rows, "attention": "triton paged" if first["fast"] else "torch SDPA (reference path)",
-            "graphs_captured": graph[batch_sizes[0]]["graphs"] if graph else 0, "bandwidth_bytes_per_s": bw, "weight_bytes": wbytes, "kv_bytes_per_token": kv_per_token,
+            "graphs_captured": graph[batch_sizes[0]]["graphs"] if graph else 0, "bandwidth_bytes_per_s": bw,
+            "weight_bytes": wbytes, "kv_bytes_per_token": kv_per_token,
             "context_tokens": context, "steps": steps, "dtype": str(model.dtype).replace("torch.", ""),
             "timed": "one decoder step (all sequences one token; reports read one step behind on CUDA), mean "
                      "over the timed steps after a prefill and 3 warm-up steps",

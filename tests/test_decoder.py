@@ -64,6 +64,7 @@ def drive(dec, reqs, arrive=None, max_steps=200):
             got[rid][0] += toks
             got[rid][2] += dec.logprobs.pop(rid)
         for rid in list(dec.finished):
+            assert rid in out, f"request {rid}: the verdict must come with its last token"
             got[rid][1], got[rid][3] = dec.finished.pop(rid), step
             dec.release(rid)
             alloc.free(next(r.blocks for r in reqs if r.request_id == rid))

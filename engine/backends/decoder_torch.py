@@ -140,8 +140,8 @@ class TorchDecoder:
         self.prefill_tokens = 0  # prompt tokens prefilled
         self.prefill_padded_tokens = 0  # padding positions computed alongside them
         if fast is None:
-            fast = (dev.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
-                    and block_size & (block_size - 1) == 0 and model.cfg.llm.head_dim & (model.cfg.llm.head_dim - 1) == 0
+            pow2 = all(x & (x - 1) == 0 for x in (block_size, model.cfg.llm.head_dim))
+            fast = (dev.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16) and pow2
                     and _kernels().available())
         self.fast = fast
         # Device state, one row per running sequence; rows >= n are padding (done, scratch block, length 1).
@@ -243,8 +243,9 @@ class TorchDecoder:
         """Greedy token, its log-probability and the finish decision for ``rows`` (slice or index tensor);
         live [rows]: rows that produce a token now."""
         logits = logits.float()  # [B, vocab]
-        tok = logits.argmax(-1)
-        logprob = logits.gather(1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
+        top, tok = logits.max(-1)  # the first maximum, as argmax
+        # log_softmax at the argmax: top - logsumexp = -log(sum(exp(logits - top))); one pass less than both
+        logprob = -(logits - top[:, None]).exp_().sum(-1).log()
         gen = self._gen[rows] + live
         stop = live & (tok == self.eos_id)
         length = live & ~stop & (gen >= self._limit[rows])
