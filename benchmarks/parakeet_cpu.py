@@ -1,6 +1,7 @@
 """Parakeet-TDT against Canary-Qwen on the same clips, on this CPU, in one run: a throughput ratio.
 
-    python benchmarks/parakeet_cpu.py [--copies 4] [--repeats 3] [--threads 1] [--out benchmarks/results/parakeet_cpu.json]
+    python benchmarks/parakeet_cpu.py [--copies 4] [--repeats 3] [--threads 1] [--out FILE.json]
+        [--nemo-python /tmp/nemo-venv/bin/python [--only-nemo] [--real-size]]
 
 Both models go through their engines' front doors (ParakeetEngine and Engine: submit every clip, wait for
 all), on the same waveforms, decoded beforehand. Two pairs:
@@ -12,6 +13,10 @@ all), on the same waveforms, decoded beforehand. Two pairs:
    benchmarks/runtime_cpu.py), and (b) Parakeet-v2's full-size TDT decoder (2-layer LSTM of 640, joint 640, the
    reconstructed v2 config) with tdt-tiny's 128-piece tokenizer (joint output 134 instead of 1030). Random
    weights: Parakeet's token count is whatever random weights emit (reported).
+3. ``nemo-baseline`` (with ``--nemo-python``, a Python with nemo-toolkit[asr]==3.0.0): NeMo's own
+   ``transcribe`` against ParakeetEngine on the same random Parakeet weights (cpu-scale, or v2's full-size
+   encoder with ``--real-size``) and the same files (benchmarks/parakeet_nemo_side.py runs the NeMo half);
+   the texts and token ids of both are compared too.
 Clips: the five tdt-tiny utterances (13.1 s), ``--copies`` times. Runs are interleaved (Canary, Parakeet,
 Canary, ...) and the median of ``--repeats`` is reported, so both models see the same machine load.
 None of this predicts the real-size ratio (the model card's ~6.5x on GPUs): the encoders here are 8x
@@ -52,15 +57,17 @@ def clips(copies: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def random_parakeet(seed: int = 0):
-    """The v2 config with the small_dicts encoder and tdt-tiny's labels, random weights; tdt-tiny's tokenizer."""
+def random_parakeet(seed: int = 0, real_size: bool = False):
+    """The v2 config with the small_dicts encoder (``real_size``: v2's own, 24 x 1024) and tdt-tiny's labels,
+    random weights; tdt-tiny's tokenizer."""
     import yaml
 
     raw = yaml.safe_load(V2_CONFIG.read_text())
-    salm, _ = small_dicts()
-    small = salm["perception"]["encoder"]
-    raw["encoder"].update({k: small[k] for k in ("n_layers", "d_model", "n_heads", "subsampling_conv_channels")})
-    raw["joint"]["jointnet"]["encoder_hidden"] = raw["model_defaults"]["enc_hidden"] = small["d_model"]
+    if not real_size:
+        salm, _ = small_dicts()
+        small = salm["perception"]["encoder"]
+        raw["encoder"].update({k: small[k] for k in ("n_layers", "d_model", "n_heads", "subsampling_conv_channels")})
+        raw["joint"]["jointnet"]["encoder_hidden"] = raw["model_defaults"]["enc_hidden"] = small["d_model"]
     archive = NemoArchive(TDT_TINY / "model" / "parakeet.nemo")
     tiny = yaml.safe_load(archive.read("model_config.yaml", "model config"))
     raw["labels"] = tiny["labels"]
@@ -93,7 +100,8 @@ def random_parakeet(seed: int = 0):
 RANDOM_PARAKEET_CONFIG: dict = {}  # model_config.yaml of the last random_parakeet(), for the NeMo baseline
 
 
-def nemo_baseline(nemo_python: str, copies: int, repeats: int, threads: int, batch: int) -> dict:
+def nemo_baseline(nemo_python: str, copies: int, repeats: int, threads: int, batch: int,
+                  real_size: bool = False) -> dict:
     """NeMo 3.0's ``transcribe`` (in another Python: benchmarks/parakeet_nemo_side.py) against ParakeetEngine,
     on the same random cpu-scale weights and the same files, timed alike (paths in, texts out, after a
     warm-up). Also a parity check of the 2-layer prediction network: the texts and token ids must agree."""
@@ -105,7 +113,7 @@ def nemo_baseline(nemo_python: str, copies: int, repeats: int, threads: int, bat
 
     from engine.parakeet import checkpoint_names
 
-    net, tok = random_parakeet()
+    net, tok = random_parakeet(real_size=real_size)
     tmp = Path(tempfile.mkdtemp(prefix="parakeet-nemo-"))
     (tmp / "model_config.yaml").write_text(yaml.safe_dump(RANDOM_PARAKEET_CONFIG, allow_unicode=True))
     tok_dir = tmp / "tokenizer"
@@ -137,8 +145,13 @@ def nemo_baseline(nemo_python: str, copies: int, repeats: int, threads: int, bat
             ours.append(t)
     same_text = sum(r.text == t for r, t in zip(results, nemo["texts"]))
     same_ids = sum(r.token_ids == i for r, i in zip(results, nemo["token_ids"]))
-    out = {"pair": "nemo-baseline", "clips": len(wavs), "audio_s": round(audio_s, 3), "batch_size": batch,
-           "note": "same random cpu-scale Parakeet weights in NeMo 3.0 and here; NeMo: model.transcribe(paths, "
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    out = {"pair": "nemo-baseline" + ("-real-size" if real_size else ""), "clips": len(wavs),
+           "parameters": sum(p.numel() for p in net.parameters()), "audio_s": round(audio_s, 3), "batch_size": batch,
+           "note": f"same random {'real-size v2 (128-piece vocabulary)' if real_size else 'cpu-scale'} Parakeet "
+                   "weights in NeMo 3.0 and here; NeMo: model.transcribe(paths, "
                    "batch_size) (greedy_batch, timestamps off); here: ParakeetEngine.submit(path) for every file "
                    "(timestamps computed); both from file paths to texts",
            "nemo": {"version": nemo["nemo"], "seconds": [round(x, 4) for x in nemo["seconds"]],
@@ -208,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nemo-python", default=None, metavar="PYTHON",
                    help="a Python with nemo-toolkit[asr]==3.0.0: also time NeMo's transcribe on the same weights")
     p.add_argument("--only-nemo", action="store_true", help="with --nemo-python: skip the Canary-Qwen pairs")
+    p.add_argument("--real-size", action="store_true",
+                   help="with --nemo-python: the NeMo comparison on v2's full-size encoder (2.4 GB of weights)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     waves = clips(args.copies)
@@ -216,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     popts = ParakeetOptions(max_batch_size=args.max_batch_size)
 
     if args.nemo_python:
-        results.append(nemo_baseline(args.nemo_python, args.copies, args.repeats, args.threads, args.max_batch_size))
+        results.append(nemo_baseline(args.nemo_python, args.copies, args.repeats, args.threads, args.max_batch_size,
+                                     args.real_size))
     if args.only_nemo:
         return write(args, results)
     net, tok = build_model(resolve(CANARY_TINY / "model", CANARY_TINY / "llm"))

@@ -24,7 +24,7 @@ def main() -> int:
     cfg = OmegaConf.load(job["model_config"])
     cfg.tokenizer = OmegaConf.create({"dir": job["tokenizer_dir"], "type": "bpe"})
     model = EncDecRNNTBPEModel(cfg=cfg)
-    model.load_state_dict(torch.load(job["weights"], weights_only=True), strict=True)
+    model.load_state_dict(torch.load(job["weights"], weights_only=True, mmap=True), strict=True)
     model.eval()
     wavs, bs = job["wavs"], int(job["batch_size"])
     with torch.no_grad():

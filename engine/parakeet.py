@@ -83,7 +83,8 @@ class TdtConfig:
         decoding = cfg.get("decoding") or {}
         prednet, jointnet = _require(dec, "prednet", source), _require(joint, "jointnet", source)
         labels = tuple(str(x) for x in _require(cfg, "labels", source))
-        if int(dec.get("vocab_size", len(labels))) != len(labels) or int(joint.get("num_classes", len(labels))) != len(labels):
+        sizes = (int(dec.get("vocab_size", len(labels))), int(joint.get("num_classes", len(labels))))
+        if sizes != (len(labels), len(labels)):
             raise ConfigError(f"{source}: decoder.vocab_size={dec.get('vocab_size')} / joint.num_classes="
                               f"{joint.get('num_classes')} differ from the {len(labels)} labels")
         _expect(bool(dec.get("blank_as_pad", True)), (True,), "decoder.blank_as_pad", source)

@@ -31,6 +31,7 @@ NEMO = ROOT / "model" / "parakeet.nemo"
 V2_CONFIG = FIXTURES / "parakeet-v2-config" / "model_config.yaml"
 TOL = 1e-5
 MEL_TOL, MEL_MEAN_TOL = 5e-5, 2e-6  # as tests/test_parity.py: log() of near-silent bins amplifies FFT rounding
+WORD_KEYS = ("word", "start_offset", "end_offset", "start", "end")
 
 
 @lru_cache(maxsize=1)
@@ -91,7 +92,7 @@ def test_single_utterance_matches_nemo(uid):
     assert [t["piece"] for t in result.tokens] == u["single"]["token_pieces"]
     assert [{"char": [t["text"]], **{k: t[k] for k in ("start_offset", "end_offset", "start", "end")}}
             for t in result.tokens] == ts["char"]
-    assert [{k: w[k] for k in ("word", "start_offset", "end_offset", "start", "end")} for w in result.words] == ts["word"]
+    assert [{k: w[k] for k in WORD_KEYS} for w in result.words] == ts["word"]
     assert [{k: s[k] for k in ("segment", "start_offset", "end_offset", "start", "end")}
             for s in result.segments] == ts["segment"]
 
@@ -120,7 +121,7 @@ def test_batch_gives_every_row_its_single_result():
         assert h.duration_indices == u["single"]["token_duration_index"]
         r = finalize(h, tok, net.cfg)
         assert r.text == u["batch"]["text"] == u["single"]["text"]
-        assert [{k: w[k] for k in ("word", "start_offset", "end_offset")} for w in r.words] == u["single"]["word_offsets"]
+        assert [{k: w[k] for k in WORD_KEYS[:3]} for w in r.words] == u["single"]["word_offsets"]
     # The fixture does exercise NeMo's batch-duration bug: our batch rows are NOT NeMo's batch records.
     assert any(h.durations != g[f"batch.{u['id']}.token_duration"].tolist() for u, h in zip(utts, hyps))
 
@@ -180,8 +181,10 @@ def test_prediction_and_joint_traces(uid):
     p = f"trace.{uid}."
     assert rel_err(net.joint.enc(enc[0]), g[p + "enc_proj_all"]) < TOL
     joint_calls, pred_calls = [], []
-    hooks = [net.joint.register_forward_hook(lambda m, i, o: joint_calls.append((i[0].clone(), i[1].clone(), o.clone()))),
-             net.prediction.register_forward_hook(lambda m, i, o: pred_calls.append((i[0].clone(), *(x.clone() for x in o))))]
+    hooks = [net.joint.register_forward_hook(
+                 lambda m, i, o: joint_calls.append((i[0].clone(), i[1].clone(), o.clone()))),
+             net.prediction.register_forward_hook(
+                 lambda m, i, o: pred_calls.append((i[0].clone(), *(x.clone() for x in o))))]
     try:
         hyp = GreedyTDT(net).decode(enc, enc_lens)[0]
     finally:
@@ -204,7 +207,8 @@ def test_prediction_and_joint_traces(uid):
     # Prediction calls: the first is the start symbol; ours run on every step, only emitting steps keep theirs.
     labels = [net.cfg.blank_id] + hyp.token_ids
     # NeMo's loop calls predict once more, with nothing kept, when an utterance ends on a blank (utt04).
-    assert trace["n_predict_calls_total"] - len(labels) == (0 if hyp.token_ids and joint_calls[-1][2][0, : net.cfg.vocab_size + 1].argmax() != net.cfg.blank_id else 1)
+    ends_on_blank = int(joint_calls[-1][2][0, : net.cfg.vocab_size + 1].argmax()) == net.cfg.blank_id
+    assert trace["n_predict_calls_total"] - len(labels) == int(ends_on_blank)
     kept = [pred_calls[0]] + [c for c in pred_calls[1:] if int(c[0][0]) != net.cfg.blank_id]
     n_pred = g[p + "pred_out"].shape[0]
     assert [int(c[0][0]) for c in kept[:n_pred]] == labels[:n_pred] == g[p + "pred_input_label"].tolist()
@@ -315,7 +319,8 @@ def test_strict_load_names_every_problem(tmp_path):
     def wider(cfg):
         cfg["joint"]["jointnet"]["joint_hidden"] = 32
 
-    with pytest.raises(CheckpointError, match=r"shape mismatch \(5\): joint.enc.bias: checkpoint \[64\] vs model \[32\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"shape mismatch \(5\): joint.enc.bias: checkpoint \[64\] vs model \[32\]"):
         load_parakeet(extracted(tmp_path, edit_config=wider))
 
     def deeper(cfg):
@@ -396,7 +401,7 @@ def test_2layer_fixture_single_and_batched():
         r = finalize(h, tok, cfg)
         ts = u["transcribe_single_timestamps"]
         assert r.text == u["single"]["text"] == ts["text"]
-        assert [{k: w[k] for k in ("word", "start_offset", "end_offset", "start", "end")} for w in r.words] == ts["word"]
+        assert [{k: w[k] for k in WORD_KEYS} for w in r.words] == ts["word"]
         assert [{k: s[k] for k in ("segment", "start_offset", "end_offset", "start", "end")}
                 for s in r.segments] == ts["segment"]
 
