@@ -139,3 +139,15 @@ def test_cli_jsonl_and_srt(capsys):
     seg = utterances()[2]["transcribe_single_timestamps"]["segment"]
     assert rc == 0 and out.startswith("1\n00:00:00,000 --> 00:00:00,640\n" + seg[0]["segment"] + "\n")
     assert seg[0]["end"] == 0.64 and out.count(" --> ") == len(seg)
+
+
+def test_gpu_check_entry_point_small_on_cpu():
+    """benchmarks/gpu_check.py's "parakeet" part calls runtime.parakeet.benchmark(device=..., small=...)."""
+    from runtime.parakeet import benchmark
+
+    r = benchmark(device="cpu", small=True)
+    assert [row["max_batch_size"] for row in r["rows"]] == [4, 8]
+    assert all(row["rtfx"] > 0 and row["tokens"] > 0 for row in r["rows"])
+    assert r["rows"][0]["tokens"] == r["rows"][1]["tokens"]  # batch composition changes nothing
+    assert r["single_stream"]["latency_s_median"] > 0
+    assert r["graphs_vs_eager"]["cuda_graphs"] is False and r["graphs_vs_eager"]["same_tokens"] == "12/12"
