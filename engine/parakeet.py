@@ -105,6 +105,10 @@ class TdtConfig:
         max_symbols = greedy.get("max_symbols", greedy.get("max_symbols_per_step", 10))
         pre = _require(cfg, "preprocessor", source)
         enc = EncoderConfig.from_nemo(_require(cfg, "encoder", source), source)
+        frontend = FrontendConfig.from_nemo(pre, source)
+        if enc.feat_in != frontend.n_mels:
+            raise ConfigError(f"{source}: encoder.feat_in={enc.feat_in} differs from preprocessor.features="
+                              f"{frontend.n_mels}")
         enc_hidden = int(jointnet.get("encoder_hidden", enc.d_model))
         pred_hidden = int(_require(prednet, "pred_hidden", source))
         if enc_hidden != enc.d_model or int(jointnet.get("pred_hidden", pred_hidden)) != pred_hidden:
@@ -112,7 +116,7 @@ class TdtConfig:
                               f"{jointnet.get('pred_hidden')}) differ from encoder.d_model={enc.d_model} / "
                               f"decoder.prednet.pred_hidden={pred_hidden}")
         return cls(
-            frontend=FrontendConfig.from_nemo(pre, source),
+            frontend=frontend,
             encoder=enc,
             labels=labels,
             pred_hidden=pred_hidden,
