@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # the fast path's kernels on CPU tensors
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():  # before triton is imported: the fast path's kernels on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from conftest import FIXTURES, Golden  # noqa: E402
 from engine.backends.base import DecodeRequest  # noqa: E402
@@ -109,7 +110,8 @@ def test_reference_path_matches_generate(model_tok, lag):
     assert 0 < dec.prefill_padded_tokens < len(reqs) * dec.prefill_bucket  # 6 rows, each < one bucket short
 
 
-@pytest.mark.skipif(not paged_attention.available(), reason="triton is not installed")
+@pytest.mark.skipif(not paged_attention.available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="triton is not installed, or a GPU compiles the kernels (see the GPU test below)")
 def test_triton_path_matches_reference_path(model_tok):
     """The fast path's logic (padded ladder batch, store kernel, paged attention) on CPU, fp32."""
     model, tok = model_tok
@@ -146,3 +148,33 @@ def test_bad_requests_are_refused(model_tok):
     r.blocks = [1]
     with pytest.raises(ValueError, match="blocks hold fewer than"):
         dec.add(r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="compiled Triton kernels need a CUDA GPU (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_compiled_fast_path_on_gpu_matches_generate(graphs):
+    """The compiled kernels and CUDA graphs, in fp32 (TF32 off) so ids must equal the reference generator's."""
+    from engine.backends.cuda_settings import configure
+
+    model, tok = build_model(resolve(TINY.root / "model", TINY.root / "llm"), device="cuda")
+    configure(model.device, model.dtype)
+    reqs = make_requests(model, tok, 5, seed=2, max_new=(5, 11))
+    for r in reqs:
+        r.audio = r.audio.cuda()
+    eos = eos_of(model, tok, reqs)
+    dec = TorchDecoder(model, 64, BS, 8, 256, eos, fast=True, cuda_graphs=graphs)
+    assert bool(dec.graphs) == graphs
+    got = drive(dec, reqs, arrive=[0, 0, 2, 3, 7])
+    check(model, tok, reqs, got, eos)
+
+
+def test_cuda_settings_choice_on_cpu():
+    from torch.nn.attention import SDPBackend
+
+    from engine.backends.cuda_settings import configure, sdpa_backends
+
+    assert configure("cpu", torch.float32)["tf32"] is False
+    assert sdpa_backends(torch.float32) == [SDPBackend.MATH]
+    assert SDPBackend.CUDNN_ATTENTION not in sdpa_backends(torch.bfloat16)

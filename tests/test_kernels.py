@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU tensors
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():  # before triton is imported: the kernels run on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.kernels import paged_attention as pa  # noqa: E402
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cpu" if INTERPRET else "cuda"  # on a GPU machine the same tests run the compiled kernels
 pytestmark = pytest.mark.skipif(not pa.available(), reason="triton is not installed (pip install triton)")
-if pa.available() and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+if pa.available() and not torch.cuda.is_available() and not INTERPRET:
     pytestmark = pytest.mark.skip(reason="no GPU and TRITON_INTERPRET is not 1")
 
 
 def reference(q, k_cache, v_cache, table, lens, block_size, scale):
     """Dense attention per sequence over its slots, in float64: [B, h, hd]."""
     out = []
+    q, k_cache, v_cache, table, lens = (t.cpu() for t in (q, k_cache, v_cache, table, lens))
     g = q.shape[1] // k_cache.shape[1]
     for b in range(q.shape[0]):
         n = int(lens[b])
@@ -49,7 +53,7 @@ def make_case(lens, kv_heads, group, head_dim, block_size, dtype, seed, padded_r
     v_cache = torch.randn(shape, generator=g).to(dtype)
     q = torch.randn(len(lens) + padded_rows, kv_heads * group, head_dim, generator=g).to(dtype)
     seq_lens = torch.tensor(list(lens) + [1] * padded_rows, dtype=torch.long)
-    return q, k_cache, v_cache, table, seq_lens
+    return tuple(t.to(DEV) for t in (q, k_cache, v_cache, table, seq_lens))
 
 
 CASES = [  # (lengths, kv_heads, group, head_dim, block_size, num_splits)
@@ -71,10 +75,10 @@ def test_paged_decode_matches_reference(lens, kv_heads, group, head_dim, block_s
     got = pa.paged_decode(q, kc, vc, table, seq_lens, block_size, scale, num_splits=splits)
     ref = reference(q, kc, vc, table, seq_lens, block_size, scale)
     assert got.shape == q.shape and got.dtype == q.dtype
-    torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got.double().cpu(), ref, atol=2e-5, rtol=2e-5)
     # the padded row attends to the scratch block's first slot only: its value row, exactly
-    pad = got[-1].double()
-    torch.testing.assert_close(pad, vc[0].double().repeat_interleave(group, 0), atol=1e-6, rtol=1e-6)
+    pad = got[-1].double().cpu()
+    torch.testing.assert_close(pad, vc[0].double().cpu().repeat_interleave(group, 0), atol=1e-6, rtol=1e-6)
 
 
 def test_paged_decode_bf16_and_split_count_changes_nothing_but_rounding():
@@ -83,7 +87,7 @@ def test_paged_decode_bf16_and_split_count_changes_nothing_but_rounding():
     outs = [pa.paged_decode(q, kc, vc, table, seq_lens, 16, 32**-0.5, num_splits=s) for s in (1, 4)]
     for got in outs:
         assert got.dtype == torch.bfloat16
-        torch.testing.assert_close(got.double(), ref, atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(got.double().cpu(), ref, atol=1e-2, rtol=1e-2)
     again = pa.paged_decode(q, kc, vc, table, seq_lens, 16, 32**-0.5, num_splits=4)
     assert torch.equal(again, outs[1])  # same split count: same bits
 
@@ -91,16 +95,16 @@ def test_paged_decode_bf16_and_split_count_changes_nothing_but_rounding():
 @pytest.mark.parametrize("strided", [False, True])
 def test_store_kv_writes_slots_only(strided):
     g = torch.Generator().manual_seed(2)
-    kc, vc = torch.zeros(64, 3, 16), torch.zeros(64, 3, 16)
-    slots = torch.tensor([5, 0, 63, 17])
+    kc, vc = torch.zeros(64, 3, 16, device=DEV), torch.zeros(64, 3, 16, device=DEV)
+    slots = torch.tensor([5, 0, 63, 17], device=DEV)
     if strided:  # as the model hands them over: [B, kvh, 1, hd] viewed as [B, kvh, hd] of a transposed tensor
-        k = torch.randn(4, 1, 3, 16, generator=g).transpose(1, 2)[:, :, 0]
-        v = torch.randn(4, 1, 3, 16, generator=g).transpose(1, 2)[:, :, 0]
+        k = torch.randn(4, 1, 3, 16, generator=g).to(DEV).transpose(1, 2)[:, :, 0]
+        v = torch.randn(4, 1, 3, 16, generator=g).to(DEV).transpose(1, 2)[:, :, 0]
     else:
-        k, v = torch.randn(4, 3, 16, generator=g), torch.randn(4, 3, 16, generator=g)
+        k, v = torch.randn(4, 3, 16, generator=g).to(DEV), torch.randn(4, 3, 16, generator=g).to(DEV)
     pa.store_kv(k, v, kc, vc, slots)
     assert torch.equal(kc[slots], k) and torch.equal(vc[slots], v)
-    rest = torch.ones(64, dtype=torch.bool)
+    rest = torch.ones(64, dtype=torch.bool, device=DEV)
     rest[slots] = False
     assert not kc[rest].any() and not vc[rest].any()
 
@@ -127,13 +131,13 @@ def _norm(dim, dtype, seed):
     n = RMSNorm(dim, 1e-6)
     with torch.no_grad():
         n.weight.copy_(1 + 0.1 * torch.randn(dim, generator=torch.Generator().manual_seed(seed)))
-    return n.to(dtype)
+    return n.to(DEV, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm_with_and_without_residual(dtype):
     g = torch.Generator().manual_seed(4)
-    x, r = torch.randn(5, 96, generator=g).to(dtype), torch.randn(5, 96, generator=g).to(dtype)
+    x, r = torch.randn(5, 96, generator=g).to(DEV, dtype), torch.randn(5, 96, generator=g).to(DEV, dtype)
     norm = _norm(96, dtype, 0)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 4e-2}  # a few bf16 ulps
     with torch.no_grad():
@@ -141,8 +145,10 @@ def test_rmsnorm_with_and_without_residual(dtype):
         h, y = fused.rmsnorm(x, norm.weight, 1e-6, residual=r)
         if dtype == torch.float32:
             assert torch.equal(h, x + r)  # the residual stream is the torch add, bit for bit
-        else:  # the interpreter casts fp32 -> bf16 by truncation (GPUs round to nearest): within an ulp
+        elif INTERPRET:  # the interpreter casts fp32 -> bf16 by truncation (GPUs round to nearest): an ulp
             torch.testing.assert_close(h, x + r, atol=0, rtol=2**-7)
+        else:
+            assert torch.equal(h, x + r)
         torch.testing.assert_close(y, norm(x + r), **tol)
 
 
@@ -150,12 +156,12 @@ def test_rmsnorm_with_and_without_residual(dtype):
 def test_qkv_epilogue_norms_rotates_and_stores(dtype):
     h, kvh, hd, t = 4, 2, 32, 3
     g = torch.Generator().manual_seed(5)
-    qkv = torch.randn(t, (h + 2 * kvh) * hd, generator=g).to(dtype)
+    qkv = torch.randn(t, (h + 2 * kvh) * hd, generator=g).to(DEV, dtype)
     ang = torch.rand(t, hd // 2, generator=g) * 6
-    cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
+    cos, sin = torch.cat([ang, ang], -1).cos().to(DEV, dtype), torch.cat([ang, ang], -1).sin().to(DEV, dtype)
     qn, kn = _norm(hd, dtype, 1), _norm(hd, dtype, 2)
-    kc, vc = torch.zeros(40, kvh, hd, dtype=dtype), torch.zeros(40, kvh, hd, dtype=dtype)
-    slots = torch.tensor([7, 0, 33])
+    kc, vc = torch.zeros(40, kvh, hd, dtype=dtype, device=DEV), torch.zeros(40, kvh, hd, dtype=dtype, device=DEV)
+    slots = torch.tensor([7, 0, 33], device=DEV)
     with torch.no_grad():
         q = fused.qkv_epilogue(qkv, qn.weight, kn.weight, cos, sin, 1e-6, kc, vc, slots, h, kvh, hd)
         qs, ks, vs = qkv.split([h * hd, kvh * hd, kvh * hd], -1)
@@ -170,7 +176,7 @@ def test_qkv_epilogue_norms_rotates_and_stores(dtype):
 
 
 def test_silu_mul():
-    gu = torch.randn(3, 2 * 1500, generator=torch.Generator().manual_seed(6))  # two blocks, one partial
+    gu = torch.randn(3, 2 * 1500, generator=torch.Generator().manual_seed(6)).to(DEV)  # two blocks, one partial
     gate, up = gu.chunk(2, -1)
     torch.testing.assert_close(fused.silu_mul(gu), torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=1e-6)
 
