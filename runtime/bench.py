@@ -395,8 +395,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     kwargs = engine_kwargs(args)
+    from runtime.parakeet import is_parakeet
+
+    parakeet = is_parakeet(args.model)  # Parakeet-TDT (issue 14): its engine, NeMo's ASR transcribe as baseline
     try:
-        engine = Engine.from_pretrained(**kwargs)
+        if parakeet:
+            from runtime.parakeet import engine_from_args
+
+            engine = engine_from_args(args)
+        else:
+            engine = Engine.from_pretrained(**kwargs)
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         print(f"error: {model_error(args, e)}", file=sys.stderr)
         return 2
@@ -409,8 +417,13 @@ def run(args: argparse.Namespace) -> int:
             import contextlib
 
             with contextlib.redirect_stdout(sys.stderr):  # NeMo logs to stdout, which carries only the JSON line
-                transcribers["nemo"] = nemo_transcriber(str(args.model), str(device), dtype, o.max_batch_size,
-                                                        args.max_new_tokens)
+                if parakeet:
+                    from runtime.parakeet import nemo_transcriber as parakeet_nemo
+
+                    transcribers["nemo"] = parakeet_nemo(str(args.model), str(device), o.max_batch_size)
+                else:
+                    transcribers["nemo"] = nemo_transcriber(str(args.model), str(device), dtype, o.max_batch_size,
+                                                            args.max_new_tokens)
         runs = bench_all(transcribers, datasets, args.repeats, warmup)
     except (ValueError, RuntimeError) as e:  # an undecodable file (AudioError), a failed request
         print(f"error: {e}", file=sys.stderr)
@@ -426,7 +439,8 @@ def run(args: argparse.Namespace) -> int:
                      "decoder": getattr(engine.decoder, "name", type(engine.decoder).__name__),
                      "cuda_graphs": o.cuda_graphs and device.type == "cuda"},
         "batch_policy": f"in-flight batching, max_batch_size={o.max_batch_size}, max_prefill_tokens="
-                        f"{o.max_prefill_tokens}; utterances submitted longest first (Engine.transcribe: up to "
+                        f"{getattr(o, 'max_prefill_tokens', None)}; utterances submitted longest first "
+                        f"(Engine.transcribe: up to "
                         f"max_queue={o.max_queue} waiting)",
         "decoding": f"greedy, max_new_tokens={args.max_new_tokens}", "warmup_utterances": warmup,
         "repeats": args.repeats, "timed": TIMED, "normaliser": NORMALISER, "scoring": SCORING,
@@ -440,6 +454,14 @@ def run(args: argparse.Namespace) -> int:
                               "composite": composite(runs["nemo"]),
                               "timing": "passes alternate with canary-trt's, same data, same process"}
         report["speedup_vs_baseline"] = round(report["composite"]["rtfx"] / report["baseline"]["composite"]["rtfx"], 2)
+    if parakeet:
+        report.update(engine="canary-trt (Parakeet-TDT)", decoding="greedy TDT, max_symbols "
+                      f"{engine.model.cfg.max_symbols}", batch_policy=f"length-sorted batches of up to "
+                      f"{o.max_batch_size} (max_batch_seconds={o.max_batch_seconds}, max_padding={o.max_padding})")
+        report["backends"].update(encoder=getattr(engine.encoder, "name", "torch"), decoder="torch greedy TDT")
+        if report["baseline"]:
+            report["baseline"].update(engine="NeMo EncDecRNNTBPEModel.transcribe (greedy_batch)",
+                                      batch_policy=f"transcribe(batch_size={o.max_batch_size}), longest first")
     line = json.dumps(report, ensure_ascii=False)
     print(line)
     if args.out:

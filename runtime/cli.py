@@ -91,7 +91,8 @@ def check_model_args(args: argparse.Namespace) -> None:
 
     for flag in ("model", "llm"):
         value = getattr(args, flag, None)
-        if isinstance(value, str) and os.path.isfile(os.path.expanduser(value)):
+        if isinstance(value, str) and os.path.isfile(os.path.expanduser(value)) and not (
+                flag == "model" and value.endswith(".nemo")):  # a Parakeet-TDT release is one .nemo file
             raise UsageError(f"--{flag} {value} is a file; pass the folder that holds it "
                              f"({'config.json + model.safetensors' if flag == 'model' else 'config.json + tokenizer.json'})"
                              f" or a hub id (owner/name)")

@@ -359,6 +359,38 @@ def _segment_fields(segments: list[dict]) -> list[dict]:
     return [{"segment": s["segment"], "start": round(s["start"], 3), "end": round(s["end"], 3)} for s in segments]
 
 
+def engine_from_args(args) -> ParakeetEngine:
+    """A ParakeetEngine from the flags of ``canary-trt transcribe`` / ``bench`` (runtime.options)."""
+    return ParakeetEngine.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue, cuda_graphs=not getattr(args, "no_cuda_graphs", False),
+        encoder=getattr(args, "encoder", "torch") or "torch", artifacts=getattr(args, "artifacts", None))
+
+
+def nemo_transcriber(model: str, device: str, batch_size: int):
+    """``canary-trt bench --baseline nemo`` for Parakeet: NeMo's own ``EncDecRNNTBPEModel.transcribe`` (its
+    default greedy_batch decoding) on the same .nemo (a file or hub id), ``batch_size`` files per batch, in the
+    given order. ``transcribe(paths) -> [(text, token count, "stop", audio seconds)]``."""
+    import soundfile as sf
+    from nemo.collections.asr.models import EncDecRNNTBPEModel
+
+    from engine.parakeet import locate
+
+    path = locate(model)
+    if path.is_dir():
+        raise ValueError(f"{model}: the NeMo baseline restores a .nemo file, not an extracted folder")
+    net = EncDecRNNTBPEModel.restore_from(str(path), map_location=device)
+    net.eval()
+
+    def transcribe(paths):
+        hyps = net.transcribe([str(p) for p in paths], batch_size=batch_size, verbose=False)
+        net.eval()  # transcribe() leaves its submodules in train mode (tests/fixtures/tdt-tiny/README.md, 3.8)
+        return [(h.text, len(h.y_sequence), "stop", sf.info(p).frames / sf.info(p).samplerate)
+                for h, p in zip(hyps, paths)]
+
+    return transcribe
+
+
 def transcribe_cli(args) -> int:
     """``canary-trt transcribe`` for a Parakeet-TDT ``--model``: text, jsonl (text, token_ids, duration,
     finish_reason, words, segments) or json/srt/vtt from the model's own segment timestamps (long-form:
@@ -377,10 +409,7 @@ def transcribe_cli(args) -> int:
               file=sys.stderr)
         return 2
     try:
-        engine = ParakeetEngine.from_pretrained(
-            args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
-            max_queue=args.max_queue, cuda_graphs=not getattr(args, "no_cuda_graphs", False),
-            encoder=getattr(args, "encoder", "torch") or "torch", artifacts=getattr(args, "artifacts", None))
+        engine = engine_from_args(args)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2

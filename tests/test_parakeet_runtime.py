@@ -151,3 +151,16 @@ def test_gpu_check_entry_point_small_on_cpu():
     assert r["rows"][0]["tokens"] == r["rows"][1]["tokens"]  # batch composition changes nothing
     assert r["single_stream"]["latency_s_median"] > 0
     assert r["graphs_vs_eager"]["cuda_graphs"] is False and r["graphs_vs_eager"]["same_tokens"] == "12/12"
+
+
+def test_bench_command_takes_a_parakeet_nemo(capsys):
+    """``canary-trt bench --model <.nemo>`` times the Parakeet engine (the NeMo baseline needs NeMo installed)."""
+    from runtime.cli import main
+
+    rc = main(["bench", "--model", str(NEMO), "--audio-dir", str(ROOT / "audio"), "--device", "cpu",
+               "--repeats", "1", "--warmup", "1"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and report["engine"] == "canary-trt (Parakeet-TDT)"
+    d = report["datasets"][0]
+    assert d["utterances"] == 5 and d["rtfx"] > 0 and d["finish_reasons"] == {"stop": 5}
+    assert d["tokens"] == sum(len(u["single"]["token_ids"]) for u in utterances())
