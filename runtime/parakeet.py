@@ -169,15 +169,19 @@ class ParakeetEngine:
         """Any length: cut at pauses (runtime.longform.plan_segments) into pieces of at most ``max_segment_s``,
         transcribe them as ordinary requests, and join them with the timestamps offset into the whole file.
         Returns (runtime.longform.LongTranscription whose segments are the model's own sentence segments,
-        words [{"word", "start", "end"}] in seconds from the start of the file)."""
+        words [{"word", "start", "end"}] in seconds from the start of the file). Needs the engine thread
+        (``threaded=True``)."""
         from . import longform
 
         wave = load_audio(audio, sample_rate)
         cuts, vad_name = longform.plan_segments(wave, max_segment_s, vad)
-        handles = [(a, self.submit(wave[a:b], TARGET_RATE)) for a, b in cuts]
+        window = max(1, min(2 * self.options.max_batch_size, self.options.max_queue))  # pieces in the engine at once
+        results = []
+        for i in range(0, len(cuts), window):
+            handles = [self.submit(wave[a:b], TARGET_RATE) for a, b in cuts[i : i + window]]
+            results += [h.result() for h in handles]
         segments, words = [], []
-        for a, h in handles:
-            r = h.result()
+        for (a, _), r in zip(cuts, results):
             shift = a / TARGET_RATE
             for w in r.extra["words"]:
                 words.append({"word": w["word"], "start": w["start"] + shift, "end": w["end"] + shift})
@@ -535,8 +539,8 @@ def benchmark(device: str | torch.device = "cuda", small: bool = False, batches:
         return time.perf_counter() - t0, results
 
     report: dict = {"model": f"Parakeet-TDT v2 architecture{' (small)' if small else ''}, random weights, "
-                             f"{len(tok.pieces)}-piece vocabulary", "parameters": sum(p.numel() for p in net.parameters()),
-                    "device": str(dev), "encoder_dtype": str(dtype).removeprefix("torch."), "utterances": n,
+                             f"{len(tok.pieces)}-piece vocabulary",
+                    "parameters": sum(p.numel() for p in net.parameters()), "device": str(dev), "encoder_dtype": str(dtype).removeprefix("torch."), "utterances": n,
                     "audio_s": round(audio_s, 2), "rows": []}
     for b in batches:
         opts = ParakeetOptions(max_batch_size=b, max_queue=n + b, max_batch_seconds=40.0 * b)
@@ -549,7 +553,8 @@ def benchmark(device: str | torch.device = "cuda", small: bool = False, batches:
     with ParakeetEngine(net, tok, ParakeetOptions(max_batch_size=1)) as engine:
         run(engine, [ten])
         lat = sorted(run(engine, [ten])[0] for _ in range(5))
-    report["single_stream"] = {"audio_s": len(ten) / TARGET_RATE, "latency_s_median": round(lat[2], 4), "latency_s_max": round(lat[-1], 4)}
+    report["single_stream"] = {"audio_s": len(ten) / TARGET_RATE, "latency_s_median": round(lat[2], 4),
+                               "latency_s_max": round(lat[-1], 4)}
     sample = waves[:16]
     with ParakeetEngine(net, tok, ParakeetOptions(max_batch_size=len(sample), cuda_graphs=True)) as graphed, \
             ParakeetEngine(net, tok, ParakeetOptions(max_batch_size=len(sample), cuda_graphs=False)) as eager:
