@@ -540,7 +540,8 @@ def benchmark(device: str | torch.device = "cuda", small: bool = False, batches:
 
     report: dict = {"model": f"Parakeet-TDT v2 architecture{' (small)' if small else ''}, random weights, "
                              f"{len(tok.pieces)}-piece vocabulary",
-                    "parameters": sum(p.numel() for p in net.parameters()), "device": str(dev), "encoder_dtype": str(dtype).removeprefix("torch."), "utterances": n,
+                    "parameters": sum(p.numel() for p in net.parameters()), "device": str(dev),
+                    "encoder_dtype": str(dtype).removeprefix("torch."), "utterances": n,
                     "audio_s": round(audio_s, 2), "rows": []}
     for b in batches:
         opts = ParakeetOptions(max_batch_size=b, max_queue=n + b, max_batch_seconds=40.0 * b)
