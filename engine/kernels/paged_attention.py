@@ -75,12 +75,12 @@ if triton is not None:
             src = (blk * BS + t)[:, None] * scs + kvh * sch + d[None, :]  # [BS, DP]
             lm = valid[:, None] & dm[None, :]
             k = tl.load(kc_ptr + src, mask=lm, other=0.0).to(tl.float32)
+            v = tl.load(vc_ptr + src, mask=lm, other=0.0).to(tl.float32)  # issued together: both in flight
             scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GP, BS]
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             p = tl.exp(scores - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
-            v = tl.load(vc_ptr + src, mask=lm, other=0.0).to(tl.float32)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
