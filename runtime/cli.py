@@ -112,8 +112,8 @@ def model_error(args: argparse.Namespace, e: BaseException) -> str:
         return f"cannot load the model: {e}" + (f" (pip install 'canary-trt[{extra}]')" if extra else "")
     msg = f"cannot load the model: {e}"
     if getattr(args, "llm", None) is None and "base LLM" in str(e):
-        msg += ("\n  the base LLM's config and tokenizer could not be found: pass --llm DIR (a folder with its "
-                "config.json and tokenizer.json) or set HF_HUB_OFFLINE=0 to download them")
+        msg += ("\n  the base LLM's config and tokenizer were not found: pass --llm DIR or set HF_HUB_OFFLINE=0 "
+                "to download them (DIR: a folder with the base LLM's config.json and tokenizer.json)")
     return msg
 
 
