@@ -133,3 +133,20 @@ def test_the_key_never_reaches_the_logs(tmp_path):
     text = log.read()
     assert '"POST /v1/audio/transcriptions HTTP/1.1" 401' in text  # the access log was captured
     assert KEY not in text and WRONG not in text
+
+
+def test_bench_serve_sends_the_key(server, monkeypatch, tmp_path):
+    """``canary-trt bench-serve --api-key`` (or $CANARY_TRT_API_KEY) authenticates every request; without it
+    every request is a 401."""
+    from runtime import bench_serve
+
+    wav = str(TINY.audio_path("a1_yes"))
+    out = tmp_path / "load.json"
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    args = ["--url", server.url, "--files", wav, "--concurrency", "2", "--requests", "4", "--out", str(out)]
+    assert bench_serve.main([*args, "--api-key", KEY]) == 0
+    assert json.loads(out.read_text())["levels"][0]["ok"] == 4
+    assert bench_serve.main(args) == 1
+    assert json.loads(out.read_text())["levels"][0]["errors"] == {"http_401": 4}
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    assert bench_serve.main(args) == 0

@@ -483,3 +483,24 @@ def test_long_form_stream_sends_each_segment_once_it_and_those_before_are_done()
     finally:
         release.set()
         server.stop()
+
+
+def test_several_models_in_one_process():
+    """Two engines under two served names: /v1/models lists both, /v1/models/{id} finds each, and each request
+    runs on the engine its `model` names (the other engine takes no step); no `model` means the first."""
+    engines = {"canary-a": build_engine(), "canary-b": build_engine()}
+    server = LiveServer(engines, SETTINGS)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list()] == ["canary-a", "canary-b"]
+        assert client.models.retrieve("canary-b").id == "canary-b"
+        for name in ("canary-b", "canary-a", "canary-b"):
+            steps = {n: e.stats()["steps"] for n, e in engines.items()}
+            with TINY.audio_path("a3_fox").open("rb") as f:
+                assert client.audio.transcriptions.create(model=name, file=f).text == golden_text("a3_fox")
+            other = next(n for n in engines if n != name)
+            assert engines[name].stats()["steps"] > steps[name] and engines[other].stats()["steps"] == steps[other]
+        with pytest.raises(openai.NotFoundError):
+            transcribe(client, "a1_yes")  # MODEL is not served here
+    finally:
+        server.stop()
