@@ -389,8 +389,11 @@ def run(args: argparse.Namespace) -> int:
         if any(items[0].text is not None for _, _, items in datasets):
             require("kaldialign", "whisper_normalizer", what="WER (manifests with text)")
         if args.baseline == "nemo":
-            require("nemo", what="--baseline nemo (install NeMo as the README's 'Long-form audio and benchmarks' "
-                                 "says: pip install 'nemo-toolkit[asr]==3.0.0' 'peft<=0.18.0')")
+            import importlib.util
+
+            if importlib.util.find_spec("nemo") is None:
+                raise UsageError("--baseline nemo needs nemo-toolkit in this environment: pip install "
+                                 "'nemo-toolkit[asr]==3.0.0' 'peft<=0.18.0' (README: 'Long-form audio and benchmarks')")
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,15 +30,41 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def onnx_problem(artifacts: Path, device: torch.device) -> str | None:
+    """Why the ONNX graphs in ``artifacts`` cannot run on ``device`` here, or None: onnxruntime's CPU provider
+    has no bf16 kernels (NOT_IMPLEMENTED at the first run), and a CUDA device needs onnxruntime's CUDA
+    provider."""
+    import json
+
+    try:
+        precision = json.loads((artifacts / ONNX_METADATA).read_text(encoding="utf-8")).get("precision")
+    except (OSError, ValueError):
+        return None  # the backend reports a missing or broken metadata file itself
+    if device.type != "cuda" and precision == "bf16":
+        return (f"{artifacts} holds bf16 ONNX graphs, which onnxruntime cannot run on the CPU (export fp32 or fp16 "
+                f"for the CPU: build/export_encoder.py --precision fp32)")
+    if device.type == "cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return "onnxruntime has no CUDA provider here (install onnxruntime-gpu)"
+    return None
+
+
 def best_available(artifacts: str | Path | None, device: torch.device) -> str:
-    """TensorRT plans on a CUDA device with TensorRT installed, else ONNX with onnxruntime, else torch."""
+    """TensorRT plans on a CUDA device with TensorRT installed, else ONNX graphs that onnxruntime can run on
+    ``device``, else torch; a fallback says why."""
     if artifacts is None:
         return "torch"
     d = Path(artifacts)
     if (d / PLAN_METADATA).is_file() and device.type == "cuda" and _importable("tensorrt"):
         return "tensorrt"
     if (d / ONNX_METADATA).is_file() and _importable("onnxruntime"):
-        return "onnx"
+        problem = onnx_problem(d, device)
+        if problem is None:
+            return "onnx"
+        log.warning("--encoder auto: %s: using the torch encoder", problem)
+        return "torch"
     log.warning("%s has no encoder artifacts usable here (TensorRT plans need tensorrt and a CUDA device, ONNX "
                 "files need onnxruntime): using the torch encoder", d)
     return "torch"
@@ -69,6 +95,10 @@ def open_encoder(kind: str | None, perception: Perception, weights: Path, artifa
         from .encoder_torch import TorchEncoder
 
         return TorchEncoder(perception, max_batch or DEFAULT_MAX_BATCH)
+    if kind == "onnx":  # graphs onnxruntime cannot run here fail now, before a session is built or run
+        on = torch.device(device) if options.get("provider") != "cpu" else torch.device("cpu")
+        if (problem := onnx_problem(Path(artifacts), on)) is not None:
+            raise ValueError(problem)
     configs = (perception.preprocessor.cfg, perception.encoder.cfg)  # the host-side length rule
     if kind == "onnx":
         from .encoder_onnx import OnnxEncoder
