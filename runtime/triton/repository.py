@@ -1,10 +1,13 @@
 """``canary-trt triton-repo OUTPUT``: write a Triton model repository.
 
-Always ``canary_qwen``: a decoupled Python-backend model running the canary-trt engine (in-flight batching,
-streaming, cancellation; models/canary_qwen.py). With ``engine_dir`` (a build/build_decoder.py folder) it runs
-the TensorRT-LLM decoder, and the repository also gets TensorRT-LLM's multimodal ensemble layout for users of
-the tensorrtllm backend: ``preprocessing`` -> ``multimodal_encoders`` (emits the prompt-embedding table) ->
-``tensorrt_llm`` -> ``postprocessing``, wired by ``ensemble``. Input and parameter names of the tensorrt_llm
+``canary_qwen``: a decoupled Python-backend model running the canary-trt engine (in-flight batching,
+streaming, cancellation; models/canary_qwen.py); ``parakeet_tdt``: the same for Parakeet-TDT
+(runtime.parakeet.ParakeetEngine; models/parakeet_tdt.py), with word and segment timestamps. Either or both:
+``--model`` of either family, ``--parakeet`` for a Parakeet-TDT model next to Canary-Qwen. With ``engine_dir``
+(a build/build_decoder.py folder) canary_qwen runs the TensorRT-LLM decoder, and the repository also gets
+TensorRT-LLM's multimodal ensemble layout for users of the tensorrtllm backend: ``preprocessing`` ->
+``multimodal_encoders`` (emits the prompt-embedding table) -> ``tensorrt_llm`` -> ``postprocessing``, wired by
+``ensemble``. Input and parameter names of the tensorrt_llm
 model follow tensorrtllm_backend's all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt and the
 multimodal ensemble in all_models/multimodal.
 
@@ -26,7 +29,7 @@ import sys
 from pathlib import Path
 
 MODELS_SRC = Path(__file__).resolve().parent / "models"
-PYTHON_MODELS = ("canary_qwen", "preprocessing", "multimodal_encoders", "postprocessing")
+PYTHON_MODELS = ("canary_qwen", "parakeet_tdt", "preprocessing", "multimodal_encoders", "postprocessing")
 ENSEMBLE = "ensemble"
 
 
@@ -72,18 +75,48 @@ def _python_model(name: str, max_batch_size: int, inputs: list, outputs: list, p
             + (instances or instance_group()) + _parameters(params))
 
 
-def canary_qwen_config(engine: dict, engine_factory: str | None = None, instances: str | None = None) -> str:
-    """The decoupled Python model; ``engine``: Engine.from_pretrained keywords (runtime.options.engine_kwargs);
-    ``instances``: its ``instance_group`` (default: one KIND_CPU instance)."""
-    inputs = [("AUDIO", "TYPE_STRING", [1], "optional: true"), ("SAMPLES", "TYPE_FP32", [-1], "optional: true"),
-              ("SAMPLE_RATE", "TYPE_INT32", [1], "optional: true"),
-              ("MAX_NEW_TOKENS", "TYPE_INT32", [1], "optional: true"), ("STREAM", "TYPE_BOOL", [1], "optional: true")]
-    outputs = [("TEXT", "TYPE_STRING", [1]), ("TOKEN_IDS", "TYPE_INT32", [-1]), ("FINISH_REASON", "TYPE_STRING", [1])]
+# The inputs and outputs every engine model has (runtime/triton/engine_model.py).
+ENGINE_INPUTS = [("AUDIO", "TYPE_STRING", [1], "optional: true"), ("SAMPLES", "TYPE_FP32", [-1], "optional: true"),
+                 ("SAMPLE_RATE", "TYPE_INT32", [1], "optional: true"), ("STREAM", "TYPE_BOOL", [1], "optional: true")]
+ENGINE_OUTPUTS = [("TEXT", "TYPE_STRING", [1]), ("TOKEN_IDS", "TYPE_INT32", [-1]),
+                  ("FINISH_REASON", "TYPE_STRING", [1])]
+# ParakeetEngine.from_pretrained keywords among engine_kwargs' (the rest are Canary-Qwen's own).
+PARAKEET_KEYS = ("model", "device", "dtype", "encoder", "artifacts", "max_batch_size", "max_queue", "cuda_graphs")
+
+
+def _engine_model(name: str, engine: dict, engine_factory: str | None, instances: str | None,
+                  inputs: list = (), outputs: list = ()) -> str:
     params = {"engine": json.dumps(engine)}
     if engine_factory:
         params["engine_factory"] = engine_factory
     # max_batch_size 0: requests go to the engine one by one and it batches them itself, step by step.
-    return _python_model("canary_qwen", 0, inputs, outputs, params, decoupled=True, instances=instances)
+    return _python_model(name, 0, ENGINE_INPUTS + list(inputs), ENGINE_OUTPUTS + list(outputs), params,
+                         decoupled=True, instances=instances)
+
+
+def canary_qwen_config(engine: dict, engine_factory: str | None = None, instances: str | None = None) -> str:
+    """The decoupled Python model; ``engine``: Engine.from_pretrained keywords (runtime.options.engine_kwargs);
+    ``instances``: its ``instance_group`` (default: one KIND_CPU instance)."""
+    return _engine_model("canary_qwen", engine, engine_factory, instances,
+                         inputs=[("MAX_NEW_TOKENS", "TYPE_INT32", [1], "optional: true")])
+
+
+def parakeet_kwargs(engine: dict, model: str | None = None, artifacts: str | None = None) -> dict:
+    """ParakeetEngine.from_pretrained keywords from engine_kwargs' (``engine``): the same device, dtype, batch
+    and queue sizes; ``model``: another model than ``engine["model"]`` (``--parakeet``), with its own encoder
+    ``artifacts`` (python -m engine.export.tdt_onnx), the torch encoder without them."""
+    kwargs = {k: engine[k] for k in PARAKEET_KEYS}
+    if model is not None:
+        kwargs.update(model=str(model), artifacts=artifacts and str(artifacts),
+                      encoder=engine["encoder"] if artifacts else "torch")
+    return kwargs
+
+
+def parakeet_tdt_config(engine: dict, engine_factory: str | None = None, instances: str | None = None) -> str:
+    """The decoupled Python model of Parakeet-TDT; ``engine``: ParakeetEngine.from_pretrained keywords
+    (parakeet_kwargs). WORDS and SEGMENTS: JSON, one element each (models/parakeet_tdt.py)."""
+    return _engine_model("parakeet_tdt", engine, engine_factory, instances,
+                         outputs=[("WORDS", "TYPE_STRING", [1]), ("SEGMENTS", "TYPE_STRING", [1])])
 
 
 # decoder_meta.json dtype -> Triton data type of the prompt table (and the torch dtype it is made in).
@@ -203,26 +236,38 @@ def ensemble_config(max_batch_size: int) -> str:
             + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n")
 
 
-def write_repository(output: str | Path, engine: dict, engine_dir: str | Path | None = None,
-                     engine_factory: str | None = None, instances: str | None = None) -> list[str]:
-    """Write the repository into ``output`` (created; existing model folders are replaced) and return the
-    model names. ``engine``: Engine.from_pretrained keywords (model, llm, device, dtype, encoder, artifacts,
-    EngineOptions fields). ``engine_dir``: a build/build_decoder.py folder: canary_qwen then decodes with
-    TensorRT-LLM and the ensemble is written too, sized by its decoder_meta.json (raises DecoderBuildError
-    without one)."""
-    from engine.export.trtllm import ENGINE_DIR, read_metadata
-
-    output = Path(output)
+def _absolute(engine: dict) -> dict:
     engine = dict(engine)
     for key in ("model", "llm", "artifacts"):  # Triton runs the models from another working directory
         if engine.get(key) and Path(engine[key]).exists():
             engine[key] = str(Path(engine[key]).resolve())
+    return engine
+
+
+def write_repository(output: str | Path, engine: dict | None, engine_dir: str | Path | None = None,
+                     engine_factory: str | None = None, instances: str | None = None,
+                     parakeet: dict | None = None) -> list[str]:
+    """Write the repository into ``output`` (created; existing model folders are replaced) and return the
+    model names. ``engine``: Engine.from_pretrained keywords (model, llm, device, dtype, encoder, artifacts,
+    EngineOptions fields), or None for no canary_qwen. ``engine_dir``: a build/build_decoder.py folder:
+    canary_qwen then decodes with TensorRT-LLM and the ensemble is written too, sized by its decoder_meta.json
+    (raises DecoderBuildError without one). ``parakeet``: ParakeetEngine.from_pretrained keywords
+    (parakeet_kwargs) of a ``parakeet_tdt`` model. ``engine_factory`` is canary_qwen's; ``instances`` both's."""
+    from engine.export.trtllm import ENGINE_DIR, read_metadata
+
+    if engine is None and engine_dir is not None:
+        raise ValueError("engine_dir is a Canary-Qwen decoder build: it needs the canary_qwen engine")
+    output = Path(output)
     configs = {}
-    if engine_dir is not None:
-        engine_dir = Path(engine_dir).resolve()
-        engine.update(decoder="trtllm", decoder_dir=str(engine_dir))
-        configs.update(ensemble_configs(engine, read_metadata(engine_dir), str(engine_dir / ENGINE_DIR)))
-    configs["canary_qwen"] = canary_qwen_config(engine, engine_factory, instances)
+    if engine is not None:
+        engine = _absolute(engine)
+        if engine_dir is not None:
+            engine_dir = Path(engine_dir).resolve()
+            engine.update(decoder="trtllm", decoder_dir=str(engine_dir))
+            configs.update(ensemble_configs(engine, read_metadata(engine_dir), str(engine_dir / ENGINE_DIR)))
+        configs["canary_qwen"] = canary_qwen_config(engine, engine_factory, instances)
+    if parakeet is not None:
+        configs["parakeet_tdt"] = parakeet_tdt_config(_absolute(parakeet), instances=instances)
     for name, text in configs.items():
         folder = output / name
         if folder.exists():
@@ -240,18 +285,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("output", help="folder to write the model repository into")
     add_engine_arguments(parser)  # with --engine-dir the tensorrtllm-backend ensemble is written too
+    parser.add_argument("--parakeet", default=None, metavar="MODEL",
+                        help="also write parakeet_tdt for this Parakeet-TDT release (hub id, .nemo file or folder), "
+                             "with the same device, dtype, batch and queue flags; a Parakeet-TDT --model writes "
+                             "parakeet_tdt alone")
+    parser.add_argument("--parakeet-artifacts", default=None, metavar="DIR",
+                        help="encoder artifacts of --parakeet (python -m engine.export.tdt_onnx; default: torch)")
     parser.add_argument("--engine-factory", default=None,
                         help="module:function making the Engine from the same keywords (custom backends)")
     parser.add_argument("--gpus", default=None, metavar="0,1,...",
-                        help="canary_qwen instances on these GPUs (KIND_GPU), each with its own engine on its GPU")
+                        help="canary_qwen / parakeet_tdt instances on these GPUs (KIND_GPU), each with its own "
+                             "engine on its GPU")
     parser.add_argument("--instances-per-gpu", "--instances", dest="instances", type=int, default=1,
-                        help="canary_qwen instances on each GPU of --gpus, or on CPU (KIND_CPU) without it "
+                        help="instances of each engine model on each GPU of --gpus, or on CPU (KIND_CPU) without it "
                              "(default: 1)")
 
 
 def run(args: argparse.Namespace) -> int:
     """``canary-trt triton-repo``."""
     from ..options import engine_kwargs
+    from ..parakeet import is_parakeet
 
     from engine.export.trtllm import DecoderBuildError
 
@@ -265,8 +318,21 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: bad --gpus/--instances-per-gpu: {e}", file=sys.stderr)
         return 2
+    engine, parakeet = engine_kwargs(args), None
+    if is_parakeet(args.model):  # a Parakeet-TDT --model: parakeet_tdt alone, with the --encoder/--artifacts given
+        if args.engine_dir or args.parakeet:
+            print(f"error: --model {args.model} is Parakeet-TDT: --engine-dir and --parakeet take a Canary-Qwen "
+                  f"--model", file=sys.stderr)
+            return 2
+        engine, parakeet = None, parakeet_kwargs(engine)
+    elif args.parakeet:
+        if not is_parakeet(args.parakeet):
+            print(f"error: --parakeet {args.parakeet} is not a Parakeet-TDT release (.nemo file, its folder or hub "
+                  f"id)", file=sys.stderr)
+            return 2
+        parakeet = parakeet_kwargs(engine, args.parakeet, args.parakeet_artifacts)
     try:
-        names = write_repository(args.output, engine_kwargs(args), args.engine_dir, args.engine_factory, instances)
+        names = write_repository(args.output, engine, args.engine_dir, args.engine_factory, instances, parakeet)
     except (DecoderBuildError, OSError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
