@@ -1,10 +1,17 @@
 """OpenAI-compatible transcription server over the in-flight batching engine.
 
 ``POST /v1/audio/transcriptions`` takes OpenAI's multipart form (``file``, ``model``, ``response_format``
-json | text | verbose_json | srt | vtt, ``stream``, ``language``) and answers in OpenAI's shapes, errors included
-(``{"error": {"message", "type", "param", "code"}}``), so the official clients work unchanged. With
+json | text | verbose_json | srt | vtt, ``stream``, ``language``, ``temperature`` 0, ``include[]=logprobs``,
+``timestamp_granularities[]=segment``, ``chunking_strategy``) and answers in OpenAI's shapes, errors included
+(``{"error": {"message", "type", "param", "code"}}``), so the official clients work unchanged. A field it does not
+implement (``prompt``, sampling, word timestamps, anything unknown) is a 400 naming it, never ignored. With
 ``stream=true`` the answer is server-sent events: ``transcript.text.delta`` events, then one
-``transcript.text.done`` (the shape of OpenAI's streaming transcription models).
+``transcript.text.done`` with the text and usage (the shape of OpenAI's streaming transcription models).
+
+Several engines may be served, each under its name: the request's ``model`` picks the engine. Audio longer
+than ``long_form_seconds`` (or any audio with a ``chunking_strategy``) is cut at pauses (runtime.longform) and
+its segments go through the engine at most ``long_form_window`` at a time, so one long upload cannot starve the
+short requests behind it; they stream in order as they finish, and a client that leaves cancels all of them.
 
 Every request is decoded and checked in the server (size, duration, decodability) before the engine sees it, so
 a bad one is answered alone with a 4xx. A client that goes away has its request cancelled in the engine, which
@@ -395,7 +402,6 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
 
     engines = dict(engine) if isinstance(engine, dict) else {settings.model_name: engine}
@@ -696,8 +702,9 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
             t0 = time.perf_counter()
             wave = await decode(req)
             if req.chunking is not None or len(wave) > settings.long_form_seconds * TARGET_RATE:
-                streaming = req.stream  # the event generator owns in_progress from here
-                return await long_form(engine, req, wave, request)
+                response = await long_form(engine, req, wave, request)
+                streaming = isinstance(response, StreamingResponse)  # its generator owns in_progress from here
+                return response
             scores = None
             if req.fmt == "verbose_json":  # no_speech_prob: the VAD over the clip, while the engine works
                 scores = asyncio.ensure_future(asyncio.to_thread(speech_scores, wave))
@@ -730,7 +737,6 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
                 return JSONResponse(body)
             return PlainTextResponse(body, media_type="text/vtt" if req.fmt == "vtt" else "text/plain")
         except ApiError as e:
-            streaming = False
             return error_response(e)
         finally:
             if not streaming:

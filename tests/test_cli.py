@@ -237,3 +237,12 @@ def test_decoder_chatter_is_counted_not_printed(tmp_path):
     assert sum(chatter[0] in line for line in lines) == 1  # the first, once, through logging
     assert f"reported {len(chatter) - 1} more damaged-frame messages" in quiet.stderr
     assert len(lines) <= 4
+
+
+def test_bench_and_transcribe_agree_on_max_new_tokens():
+    from runtime.cli import build_parser
+
+    parser = build_parser()
+    wav = str(TINY.audio_path("a1_yes"))
+    bench = parser.parse_args(["bench", "--manifest", "m.jsonl"])
+    assert bench.max_new_tokens == parser.parse_args(["transcribe", wav]).max_new_tokens == 256
