@@ -358,6 +358,13 @@ def test_long_audio_is_transcribed_long_form_with_timestamps(server, client):
     assert create(model=MODEL, file=("long.wav", data), response_format="vtt") == to_vtt(ref)
     verbose = create(model=MODEL, file=("long.wav", data), response_format="verbose_json")
     assert [(s.start, s.end, s.text) for s in verbose.segments] == [(s.start, s.end, s.text) for s in ref.segments]
+    for got, want in zip(verbose.segments, ref.segments):  # the fields OpenAI clients filter on, per segment
+        assert got.seek == round(want.start * 100) and got.no_speech_prob == want.no_speech_prob
+        assert got.avg_logprob == (None if want.logprobs is None else pytest.approx(np.mean(want.logprobs), abs=1e-5))
+        assert isinstance(got.compression_ratio, float) and got.temperature == 0.0
+    if all(s.logprobs is not None for s in ref.segments):  # include[]=logprobs: every segment's tokens, in order
+        lp = create(model=MODEL, file=("long.wav", data), include=["logprobs"]).logprobs
+        assert [x.logprob for x in lp] == pytest.approx([x for s in ref.segments for x in s.logprobs], abs=1e-5)
     events = list(create(model=MODEL, file=("long.wav", data), stream=True))
     assert events[-1].type == "transcript.text.done" and events[-1].text == ref.text
     assert "".join(e.delta for e in events[:-1]) == ref.text  # no trailing space the text lacks
