@@ -60,10 +60,14 @@ def test_triton_repo_cli_writes_parakeet_tdt(tmp_path):
                   "artifacts": None, "max_batch_size": 4, "max_queue": 1024, "cuda_graphs": True}
     assert _engine_param(both, "canary_qwen")["model"] == str((TINY.root / "model").resolve())
 
-    # A Parakeet-TDT --model: parakeet_tdt alone, with the encoder flags given.
-    assert _cli(alone, "--model", NEMO, "--device", "cpu", "--encoder", "torch") == 0
+    assert "engine_factory" not in (both / "parakeet_tdt" / "config.pbtxt").read_text()
+
+    # A Parakeet-TDT --model: parakeet_tdt alone, with the encoder flags and the engine factory given.
+    assert _cli(alone, "--model", NEMO, "--device", "cpu", "--encoder", "torch", "--engine-factory", "m:f") == 0
     assert sorted(p.name for p in alone.iterdir()) == ["parakeet_tdt"]
     assert _engine_param(alone, "parakeet_tdt")["device"] == "cpu"
+    config = (alone / "parakeet_tdt" / "config.pbtxt").read_text()
+    assert 'key: "engine_factory" value: { string_value: "m:f" }' in config
 
     assert _cli(tmp_path / "x", "--model", NEMO, "--engine-dir", tmp_path) == 2  # a Canary-Qwen decoder build
     assert _cli(tmp_path / "y", "--model", NEMO, "--parakeet", NEMO) == 2

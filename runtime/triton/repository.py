@@ -7,9 +7,8 @@ streaming, cancellation; models/canary_qwen.py); ``parakeet_tdt``: the same for 
 (a build/build_decoder.py folder) canary_qwen runs the TensorRT-LLM decoder, and the repository also gets
 TensorRT-LLM's multimodal ensemble layout for users of the tensorrtllm backend: ``preprocessing`` ->
 ``multimodal_encoders`` (emits the prompt-embedding table) -> ``tensorrt_llm`` -> ``postprocessing``, wired by
-``ensemble``. Input and parameter names of the tensorrt_llm
-model follow tensorrtllm_backend's all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt and the
-multimodal ensemble in all_models/multimodal.
+``ensemble``. Input and parameter names of the tensorrt_llm model follow tensorrtllm_backend's
+all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt and the multimodal ensemble in all_models/multimodal.
 
 Triton reads each ``config.pbtxt`` (protobuf text format of ModelConfig, model_config.proto).
 
@@ -246,13 +245,14 @@ def _absolute(engine: dict) -> dict:
 
 def write_repository(output: str | Path, engine: dict | None, engine_dir: str | Path | None = None,
                      engine_factory: str | None = None, instances: str | None = None,
-                     parakeet: dict | None = None) -> list[str]:
+                     parakeet: dict | None = None, parakeet_factory: str | None = None) -> list[str]:
     """Write the repository into ``output`` (created; existing model folders are replaced) and return the
     model names. ``engine``: Engine.from_pretrained keywords (model, llm, device, dtype, encoder, artifacts,
     EngineOptions fields), or None for no canary_qwen. ``engine_dir``: a build/build_decoder.py folder:
     canary_qwen then decodes with TensorRT-LLM and the ensemble is written too, sized by its decoder_meta.json
     (raises DecoderBuildError without one). ``parakeet``: ParakeetEngine.from_pretrained keywords
-    (parakeet_kwargs) of a ``parakeet_tdt`` model. ``engine_factory`` is canary_qwen's; ``instances`` both's."""
+    (parakeet_kwargs) of a ``parakeet_tdt`` model. ``engine_factory`` / ``parakeet_factory``: "module:function"
+    making each model's engine from its keywords instead of from_pretrained. ``instances``: both models'."""
     from engine.export.trtllm import ENGINE_DIR, read_metadata
 
     if engine is None and engine_dir is not None:
@@ -267,7 +267,7 @@ def write_repository(output: str | Path, engine: dict | None, engine_dir: str | 
             configs.update(ensemble_configs(engine, read_metadata(engine_dir), str(engine_dir / ENGINE_DIR)))
         configs["canary_qwen"] = canary_qwen_config(engine, engine_factory, instances)
     if parakeet is not None:
-        configs["parakeet_tdt"] = parakeet_tdt_config(_absolute(parakeet), instances=instances)
+        configs["parakeet_tdt"] = parakeet_tdt_config(_absolute(parakeet), parakeet_factory, instances)
     for name, text in configs.items():
         folder = output / name
         if folder.exists():
@@ -292,7 +292,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parakeet-artifacts", default=None, metavar="DIR",
                         help="encoder artifacts of --parakeet (python -m engine.export.tdt_onnx; default: torch)")
     parser.add_argument("--engine-factory", default=None,
-                        help="module:function making the Engine from the same keywords (custom backends)")
+                        help="module:function making --model's engine from the same keywords (custom backends)")
     parser.add_argument("--gpus", default=None, metavar="0,1,...",
                         help="canary_qwen / parakeet_tdt instances on these GPUs (KIND_GPU), each with its own "
                              "engine on its GPU")
@@ -318,13 +318,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: bad --gpus/--instances-per-gpu: {e}", file=sys.stderr)
         return 2
-    engine, parakeet = engine_kwargs(args), None
+    engine, parakeet, factories = engine_kwargs(args), None, (args.engine_factory, None)
     if is_parakeet(args.model):  # a Parakeet-TDT --model: parakeet_tdt alone, with the --encoder/--artifacts given
         if args.engine_dir or args.parakeet:
             print(f"error: --model {args.model} is Parakeet-TDT: --engine-dir and --parakeet take a Canary-Qwen "
                   f"--model", file=sys.stderr)
             return 2
-        engine, parakeet = None, parakeet_kwargs(engine)
+        engine, parakeet, factories = None, parakeet_kwargs(engine), (None, args.engine_factory)
     elif args.parakeet:
         if not is_parakeet(args.parakeet):
             print(f"error: --parakeet {args.parakeet} is not a Parakeet-TDT release (.nemo file, its folder or hub "
@@ -332,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         parakeet = parakeet_kwargs(engine, args.parakeet, args.parakeet_artifacts)
     try:
-        names = write_repository(args.output, engine, args.engine_dir, args.engine_factory, instances, parakeet)
+        names = write_repository(args.output, engine, args.engine_dir, factories[0], instances, parakeet, factories[1])
     except (DecoderBuildError, OSError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
