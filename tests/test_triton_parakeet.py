@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from serving_helpers import TINY, golden_text
+from serving_helpers import GATE_ENV, TINY, golden_text
 from test_parakeet import NEMO, ROOT, utterances
 from test_triton import SEPARATE_VENV, _engine_args, _free_port, _inputs, _Stream, _text
 from runtime.triton.repository import add_arguments, parakeet_kwargs, run, write_repository
@@ -98,26 +99,40 @@ def test_parakeet_tdt_config_parses_as_a_triton_model_config(tmp_path):
 
 # ---- a real tritonserver -------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def both_models(tmp_path_factory):
-    """tritonserver on 127.0.0.1 serving canary_qwen (the fixture engine, as tests/test_triton.py) and
-    parakeet_tdt (ParakeetEngine.from_pretrained on tdt-tiny's .nemo, its default factory)."""
+def gated_parakeet(**kwargs):
+    """parakeet_tdt's ``engine_factory`` in the cancellation test: ParakeetEngine.from_pretrained, whose decoding
+    waits while the file named by $CANARY_TEST_GATE exists (at most 120 s), so a request stays in the engine
+    until the test has cancelled it."""
+    from serving_helpers import GATE_ENV
+
+    from runtime.parakeet import ParakeetEngine
+
+    engine = ParakeetEngine.from_pretrained(**kwargs)
+    decode = engine.decoder.decode
+
+    def gated(*args, **kw):
+        deadline = time.monotonic() + 120
+        while os.path.exists(os.environ[GATE_ENV]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return decode(*args, **kw)
+
+    engine.decoder.decode = gated
+    return engine
+
+
+def _serve(work: Path, repo: Path, env: dict | None = None, verbose: bool = False):
+    """pytriton's bundled tritonserver on 127.0.0.1 serving ``repo`` (as tests/test_triton.py starts it), until
+    the generator is closed. Yields the gRPC address, an HTTP client and the log's path."""
     pytest.importorskip("tritonclient.grpc", reason=SEPARATE_VENV)
     pytriton = pytest.importorskip("pytriton.triton", reason=SEPARATE_VENV)
     from pytriton.utils.distribution import get_libs_path, get_stub_path
 
-    work = tmp_path_factory.mktemp("triton_parakeet")
-    repo = work / "models"
-    canary = _engine_args()
-    names = write_repository(repo, canary, engine_factory="serving_helpers:engine_factory",
-                             parakeet=parakeet_kwargs(canary, str(NEMO)))
-    assert names == ["canary_qwen", "parakeet_tdt"]
-    server = work / "tritonserver"  # the stub for this Python next to the backend, as in test_triton.py
+    server = work / "tritonserver"  # the stub for this Python next to the backend, as pytriton arranges it
     shutil.copytree(pytriton.TRITONSERVER_DIST_DIR, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
     shutil.copy(get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}"),
                 server / "backends" / "python" / "triton_python_backend_stub")
     http, grpc, metrics = _free_port(), _free_port(), _free_port()
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(get_libs_path()), sysconfig.get_config_var("LIBDIR"),
                                                     env.get("LD_LIBRARY_PATH")]))
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
@@ -128,7 +143,8 @@ def both_models(tmp_path_factory):
         [str(server / "bin" / "tritonserver"), f"--model-repository={repo}",
          f"--backend-directory={server / 'backends'}", f"--cache-directory={server / 'caches'}",
          "--http-address=127.0.0.1", f"--http-port={http}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
-         "--metrics-address=127.0.0.1", f"--metrics-port={metrics}", "--log-info=true", "--exit-on-error=true"],
+         "--metrics-address=127.0.0.1", f"--metrics-port={metrics}",
+         "--log-verbose=1" if verbose else "--log-info=true", "--exit-on-error=true"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     import tritonclient.http as httpclient
 
@@ -150,6 +166,29 @@ def both_models(tmp_path_factory):
         proc.wait(120)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def both_models(tmp_path_factory):
+    """canary_qwen (the fixture engine, as tests/test_triton.py) and parakeet_tdt (its default factory,
+    ParakeetEngine.from_pretrained on tdt-tiny's .nemo) in one repository, one tritonserver."""
+    work = tmp_path_factory.mktemp("triton_parakeet")
+    canary = _engine_args()
+    names = write_repository(work / "models", canary, engine_factory="serving_helpers:engine_factory",
+                             parakeet=parakeet_kwargs(canary, str(NEMO)))
+    assert names == ["canary_qwen", "parakeet_tdt"]
+    yield from _serve(work, work / "models")
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory):
+    """parakeet_tdt alone through ``gated_parakeet``, verbose log (the model logs each request it takes)."""
+    work = tmp_path_factory.mktemp("triton_parakeet_gated")
+    write_repository(work / "models", None, parakeet=parakeet_kwargs(_engine_args(), str(NEMO)),
+                     parakeet_factory="test_triton_parakeet:gated_parakeet")
+    gate = work / "gate"
+    for server in _serve(work, work / "models", env={GATE_ENV: str(gate)}, verbose=True):
+        yield {**server, "gate": gate}
 
 
 class _Models(_Stream):
@@ -237,3 +276,34 @@ def test_bad_input_to_parakeet_fails_alone(both_models):
             assert s.responses.empty()
     finally:
         s.client.stop_stream()
+
+
+def test_cancelled_request_is_dropped_and_the_model_keeps_serving(gated):
+    """A request the client cancels while the engine holds it: the engine finishes it (TDT reports its text only
+    at the end), the model logs the cancel and sends no answer, and the next request is served."""
+    log = gated["log"]
+    gated["gate"].touch()
+    s = _Models(gated["grpc"])
+    try:
+        s.send("parakeet_tdt", "cancel-me", audio=(ROOT / utterances()[4]["file"]).read_bytes(), stream=True)
+        deadline = time.monotonic() + 60
+        while not (took := re.findall(r"parakeet_tdt: instance \S+ took request (\d+)", log.read_text())) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert took, "the model never took the request"
+        (rid,) = took
+        s.client.stop_stream(cancel_requests=True)
+    finally:
+        gated["gate"].unlink()
+    deadline = time.monotonic() + 60
+    while f"request {rid} cancelled after" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = log.read_text()
+    assert f"parakeet_tdt: request {rid} cancelled by the client" in text
+    assert f"parakeet_tdt: request {rid} cancelled after" in text  # the branch that sends no answer
+    s2 = _Models(gated["grpc"])
+    try:
+        s2.send("parakeet_tdt", "after", audio=(ROOT / utterances()[1]["file"]).read_bytes())
+        _check_parakeet(s2.until_final(1)["after"][-1], utterances()[1])
+    finally:
+        s2.client.stop_stream()
