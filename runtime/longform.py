@@ -388,6 +388,29 @@ def segments_from(cuts: list[tuple[int, int]], results: list, score: np.ndarray 
     return segments
 
 
+def model_timestamps(cuts: list[tuple[int, int]], results: list,
+                     score: np.ndarray | None) -> tuple[list[Segment], list[dict]]:
+    """Segments and words from a model that gives its own timestamps (Parakeet-TDT: each Transcription's
+    ``extra["segments"]``, ``["words"]`` and ``["tokens"]``, in seconds from the start of its piece): the model's
+    sentence segments and its words, offset by each piece's start (``cuts``, samples) into the whole audio, in
+    seconds rounded to the millisecond. Each token belongs to the last segment starting at or before it."""
+    segments, words = [], []
+    for (a, _), r in zip(cuts, results):
+        shift = a / TARGET_RATE
+        words += [{"word": w["word"], "start": round(w["start"] + shift, 3), "end": round(w["end"] + shift, 3)}
+                  for w in r.extra["words"]]
+        starts = [s["start_offset"] for s in r.extra["segments"]]  # encoder frames within the piece
+        owner = [max([k for k, s0 in enumerate(starts) if s0 <= t["start_offset"]], default=0)
+                 for t in r.extra["tokens"]]
+        for k, s in enumerate(r.extra["segments"]):
+            start, end = round(s["start"] + shift, 3), round(s["end"] + shift, 3)
+            ids = [t["token_id"] for t, o in zip(r.extra["tokens"], owner) if o == k]
+            no_speech = None if score is None else no_speech_prob(score, round(start * TARGET_RATE),
+                                                                  round(end * TARGET_RATE))
+            segments.append(Segment(start, end, s["segment"], ids, r.finish_reason, no_speech))
+    return segments, words
+
+
 def join_texts(texts) -> str:
     return " ".join(t for t in texts if t)
 
