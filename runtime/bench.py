@@ -382,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
     except ManifestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from runtime.cli import UsageError, check_model_args, model_error, require
+    from runtime.checks import UsageError, check_model_args, model_error, require
 
     try:  # every missing package is named before the model loads and anything is timed
         check_model_args(args)

@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
             raise ManifestError("--requests, --concurrency and --rate must be positive")
         audio = [(f, f.read_bytes(), len(load_audio(f)) / TARGET_RATE) for f in files]
         if args.plot:
-            from runtime.cli import require
+            from runtime.checks import require
 
             require("matplotlib", what="--plot")  # before the load test, not after it
     except (ManifestError, AudioError, OSError, ValueError) as e:

@@ -2,13 +2,18 @@
 
 ``POST /v1/audio/transcriptions`` takes OpenAI's multipart form (``file``, ``model``, ``response_format``
 json | text | verbose_json | srt | vtt, ``stream``, ``language``, ``temperature`` 0, ``include[]=logprobs``,
-``timestamp_granularities[]=segment``, ``chunking_strategy``) and answers in OpenAI's shapes, errors included
-(``{"error": {"message", "type", "param", "code"}}``), so the official clients work unchanged. A field it does not
-implement (``prompt``, sampling, word timestamps, anything unknown) is a 400 naming it, never ignored. With
+``timestamp_granularities[]`` segment | word, ``chunking_strategy``) and answers in OpenAI's shapes, errors
+included (``{"error": {"message", "type", "param", "code"}}``), so the official clients work unchanged. A field it
+does not implement (``prompt``, sampling, anything unknown), or one the request's model cannot honour (word
+timestamps from Canary-Qwen, logprobs from Parakeet-TDT), is a 400 naming it and the model, never ignored. With
 ``stream=true`` the answer is server-sent events: ``transcript.text.delta`` events, then one
 ``transcript.text.done`` with the text and usage (the shape of OpenAI's streaming transcription models).
 
-Several engines may be served, each under its name: the request's ``model`` picks the engine. Audio longer
+Several engines may be served, each under its name: the request's ``model`` picks the engine, a Canary-Qwen
+``runtime.Engine`` or a Parakeet-TDT ``runtime.parakeet.ParakeetEngine`` (``load_engine`` tells them apart by the
+model's config). Parakeet's results carry token, word and segment timestamps: its verbose_json has the model's
+own sentence segments and, when asked for, its words; srt/vtt use them. Canary-Qwen gives no timestamps: one
+segment per transcribed piece. Audio longer
 than ``long_form_seconds`` (or any audio with a ``chunking_strategy``) is cut at pauses (runtime.longform) and
 its segments go through the engine at most ``long_form_window`` at a time, so one long upload cannot starve the
 short requests behind it; they stream in order as they finish, and a client that leaves cancels all of them.
@@ -43,11 +48,13 @@ import numpy as np
 
 from .audio import TARGET_RATE, AudioError, AudioTooLong, load_audio
 from engine.checkpoint import DEFAULT_MODEL
+from engine.parakeet import PARAKEET_TDT
 
 from .common import TRAINED_MAX_SECONDS
 from .engine import EngineClosed, QueueFull
 from .longform import (InOrder, LongTranscription, Segment, VadSettings, avg_logprob, compression_ratio, cut_points,
-                       join_texts, no_speech_prob, segments_from, speech_scores, to_srt, to_vtt)
+                       join_texts, model_timestamps, no_speech_prob, segments_from, speech_scores, to_srt,
+                       to_vtt)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +101,7 @@ class TranscriptionRequest:
     fmt: str = "json"
     stream: bool = False
     logprobs: bool = False  # include[]=logprobs
+    granularities: frozenset = frozenset()  # timestamp_granularities[]: word, segment (none given: segment)
     chunking: VadSettings | None = None  # chunking_strategy given: always segment with these settings
 
 
@@ -860,7 +868,7 @@ def load_engine(args: argparse.Namespace, long_form_seconds: float = TRAINED_MAX
 
 def run(args: argparse.Namespace) -> int:
     """``canary-trt serve``: the port is bound first, then the models load."""
-    from .cli import model_error
+    from .checks import model_error
 
     try:
         settings = server_settings(args)

@@ -175,12 +175,12 @@ def test_clear_errors_before_loading(tmp_path):
 
 
 def test_missing_extras_are_named():
-    from runtime.cli import UsageError, require
+    from runtime.checks import UsageError, require
 
     with pytest.raises(UsageError, match=r"--plot needs matplotlib_not_here"):
         require("matplotlib_not_here", what="--plot")
     with pytest.raises(UsageError, match=r"pip install 'canary-trt\[onnx\]'"):
-        import runtime.cli as c
+        import runtime.checks as c
 
         c.EXTRAS["onnx_missing_for_test"] = "onnx"
         try:
