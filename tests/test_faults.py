@@ -51,13 +51,15 @@ def test_a_failing_request_fails_alone_while_the_others_finish(server, client):
     engine.encoder = FaultyEncoder(gated, len(load_audio(TINY.audio_path("a3_fox"))))
     engine.decoder.add = add
     gated.gate.clear()
+    gated.entered.clear()
     try:
         with ThreadPoolExecutor(7) as pool:
             first = pool.submit(transcribe, client, "a2_morning")
-            wait_for(lambda: engine.stats()["running"] == 1, what="the first request admitted (and held)")
+            # The first request is encoded ahead of its admission: the engine is then held inside the encoder.
+            wait_for(lambda: gated.entered.is_set(), what="the first request held in the encoder")
             stems = ["a1_yes", "a3_fox", "a3_fox", "a4_stella", "a5_numbers", "a2_morning"]
             futures = [pool.submit(transcribe, client, s, stream=i == 2) for i, s in enumerate(stems)]
-            wait_for(lambda: engine.stats()["queued"] == len(stems), what="six requests queued")
+            wait_for(lambda: engine.stats()["queued"] == 1 + len(stems), what="six more requests queued")
             gated.gate.set()
             assert first.result(120).text == golden_text("a2_morning")
             for i, (stem, f) in enumerate(zip(stems, futures)):
