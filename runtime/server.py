@@ -13,10 +13,10 @@ Several engines may be served, each under its name: the request's ``model`` pick
 ``runtime.Engine`` or a Parakeet-TDT ``runtime.parakeet.ParakeetEngine`` (``load_engine`` tells them apart by the
 model's config). Parakeet's results carry token, word and segment timestamps: its verbose_json has the model's
 own sentence segments and, when asked for, its words; srt/vtt use them. Canary-Qwen gives no timestamps: one
-segment per transcribed piece. Audio longer
-than ``long_form_seconds`` (or any audio with a ``chunking_strategy``) is cut at pauses (runtime.longform) and
-its segments go through the engine at most ``long_form_window`` at a time, so one long upload cannot starve the
-short requests behind it; they stream in order as they finish, and a client that leaves cancels all of them.
+segment per transcribed piece. Audio longer than ``long_form_seconds`` (or any audio with a ``chunking_strategy``)
+is cut at pauses (runtime.longform) and its segments go through the engine at most ``long_form_window`` at a
+time, so one long upload cannot starve the short requests behind it; they stream in order as they finish, and a
+client that leaves cancels all of them. A Parakeet-TDT segment's timestamps are offset into the whole audio.
 
 Every request is decoded and checked in the server (size, duration, decodability) before the engine sees it, so
 a bad one is answered alone with a 4xx. A client that goes away has its request cancelled in the engine, which
@@ -199,21 +199,34 @@ def _segment(i: int, start: float, end: float, text: str, tokens: list[int], log
 
 def format_transcription(fmt: str, text: str, duration: float, token_ids: list[int], logprobs=None,
                          no_speech: float | None = None):
-    """The body of a finished transcription in ``fmt``: a dict (JSON) or a string. The model gives no timestamps,
-    so verbose_json, srt and vtt have one segment spanning the whole audio. ``logprobs``: the token
+    """The body of a finished transcription without timestamps (Canary-Qwen) in ``fmt``: a dict (JSON) or a
+    string. verbose_json, srt and vtt have one segment spanning the whole audio. ``logprobs``: the token
     log-probabilities (verbose_json's avg_logprob); ``no_speech``: the VAD's no-speech probability."""
     if fmt == "json":
         return {"text": text, "usage": {"type": "duration", "seconds": duration}}
     if fmt == "text":
         return text + "\n"
+    whole = LongTranscription(text, [Segment(0.0, duration, text, token_ids, "stop", no_speech, logprobs)], duration,
+                              "none")
     if fmt == "verbose_json":
-        return {"task": "transcribe", "language": "english", "duration": duration, "text": text,
-                "segments": [_segment(0, 0.0, duration, text, token_ids, logprobs, no_speech)],
-                "usage": {"type": "duration", "seconds": duration}}
+        return verbose_json(whole)
     if fmt in ("srt", "vtt"):
-        whole = LongTranscription(text, [Segment(0.0, duration, text, token_ids, "stop")], duration, "none")
         return to_srt(whole) if fmt == "srt" else to_vtt(whole)
     raise ValueError(fmt)
+
+
+def verbose_json(t: LongTranscription, words: list[dict] | None = None, granularities=frozenset()) -> dict:
+    """OpenAI's verbose_json of ``t``: its segments when asked for with ``timestamp_granularities[]=segment`` or
+    when no granularity is asked for (OpenAI's default), and ``words`` ({word, start, end}) when asked for with
+    ``=word`` (only from a model with timestamps: parse_form refuses it for the others)."""
+    body = {"task": "transcribe", "language": "english", "duration": t.duration, "text": t.text}
+    if "segment" in granularities or "word" not in granularities:
+        body["segments"] = [_segment(i, s.start, s.end, s.text, s.token_ids, s.logprobs, s.no_speech_prob)
+                            for i, s in enumerate(t.segments)]
+    if "word" in granularities:
+        body["words"] = words
+    body["usage"] = {"type": "duration", "seconds": t.duration}
+    return body
 
 
 def _token_usage(engine, pieces: list[int], output_tokens: int) -> dict | None:
@@ -235,6 +248,22 @@ def _decoder_has_logprobs(engine) -> bool:
     return getattr(getattr(engine, "decoder", None), "logprobs", None) is not None
 
 
+def _has_timestamps(engine) -> bool:
+    """Parakeet-TDT's results carry token, word and segment timestamps (``Transcription.extra``); Canary-Qwen's
+    carry none."""
+    return getattr(engine, "family", None) == PARAKEET_TDT
+
+
+def _stats(engine) -> dict:
+    """The gauges' numbers of one engine: queued (waiting for a batch), running, KV blocks used. A ParakeetEngine
+    has no KV cache, and its ``queued`` counts every unfinished request: running is the rest after ``waiting``
+    (requests just submitted, not yet seen by the engine thread, count as running for that moment)."""
+    s = engine.stats()
+    if "running" in s:
+        return s
+    return {**s, "queued": s["waiting"], "running": s["queued"] - s["waiting"], "kv_blocks_used": 0}
+
+
 class _Metrics:
     """Prometheus metrics in a registry of their own (several apps may live in one process). Gauges sum over
     the served engines; long-form segments are counted apart from whole requests."""
@@ -243,7 +272,7 @@ class _Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         def total(key):
-            return lambda: sum(e.stats()[key] for e in engines.values())
+            return lambda: sum(_stats(e)[key] for e in engines.values())
 
         r = self.registry = CollectorRegistry()
         Gauge("canary_queue_depth", "Requests (and long-form segments) accepted and waiting for admission",
@@ -381,21 +410,26 @@ def parse_form(form, engines: dict, default_model: str) -> TranscriptionRequest:
             raise ApiError(400, f"include {v!r} is not supported (only 'logprobs')", "invalid_include", "include")
     if include and fmt != "json":
         raise ApiError(400, "include[]=logprobs needs response_format json", "invalid_include", "include")
-    for g in values.get("timestamp_granularities", []):
-        if g == "word":
-            raise ApiError(400, "word timestamps are not available from this model (Canary-Qwen gives no "
-                                "timestamps); 'segment' is supported", "unsupported_timestamp_granularity",
-                           "timestamp_granularities")
-        if g != "segment":
+    engine = engines[model]
+    if include and not _decoder_has_logprobs(engine):
+        raise ApiError(400, f"logprobs not available from this decoder: model {model!r} gives no token "
+                            f"log-probabilities; leave out include[]=logprobs", "logprobs_unavailable", "include")
+    granularities = [str(g) for g in values.get("timestamp_granularities", [])]
+    for g in granularities:
+        if g not in ("word", "segment"):
             raise ApiError(400, f"timestamp_granularities {g!r} is not one of word, segment",
                            "invalid_timestamp_granularity", "timestamp_granularities")
         if fmt != "verbose_json":
             raise ApiError(400, "timestamp_granularities needs response_format verbose_json",
                            "invalid_timestamp_granularity", "timestamp_granularities")
+        if g == "word" and not _has_timestamps(engine):
+            raise ApiError(400, f"word timestamps are not available from model {model!r}: it has no word "
+                                f"timestamps (Canary-Qwen gives no timestamps); 'segment' is supported",
+                           "unsupported_timestamp_granularity", "timestamp_granularities")
     strategy = one("chunking_strategy")
     chunking = _chunking(strategy, chunk_parts) if strategy is not None or chunk_parts else None
     return TranscriptionRequest(b"", upload.filename or "upload", model, fmt, stream == "true", bool(include),
-                                chunking)
+                                frozenset(granularities), chunking)
 
 
 def _sse(event: dict) -> str:
@@ -459,7 +493,8 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
     async def ready():
         if not state["ready"]:
             return JSONResponse({"status": "not ready"}, status_code=503)
-        stats = {k: sum(e.stats()[k] for e in engines.values()) for k in engines[default_model].stats()}
+        each = [_stats(e) for e in engines.values()]
+        stats = {k: sum(s.get(k, 0) for s in each) for k in dict.fromkeys(k for s in each for k in s)}
         return {"status": "ready", "model": default_model, "models": list(engines), **stats}
 
     @app.get("/metrics")
@@ -576,11 +611,16 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
                     raise submit_error(item[1])
                 yield item[1]
 
-        def whole(done: list) -> LongTranscription:
-            t = LongTranscription(join_texts(r.text for r in done), segments_from(cuts, done, score),
-                                  len(wave) / TARGET_RATE, vad)
+        def whole(done: list) -> tuple[LongTranscription, list[dict] | None]:
+            """The joined transcription; with a model's own timestamps, its segments and words (else None), with
+            the pieces' offsets added."""
+            if _has_timestamps(engine):
+                segments, words = model_timestamps(cuts, done, score)
+            else:
+                segments, words = segments_from(cuts, done, score), None
+            t = LongTranscription(join_texts(r.text for r in done), segments, len(wave) / TARGET_RATE, vad)
             metrics.audio.inc(t.duration)
-            return t
+            return t, words
 
         def logprobs(done: list):
             if any(r.logprobs is None for r in done):
@@ -600,7 +640,7 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
                         if r.text:
                             yield _sse({"type": "transcript.text.delta", "delta": (" " if sent else "") + r.text})
                             sent = True
-                    t = whole(done)
+                    t, _ = whole(done)
                     event = {"type": "transcript.text.done", "text": t.text, "usage": usage(done)}
                     if req.logprobs:
                         event["logprobs"] = logprobs(done)
@@ -627,7 +667,7 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
             collected.cancel()
             raise ApiError(499, "client disconnected", "client_disconnected")
         done = collected.result()  # raises the ApiError of a failed segment
-        t = whole(done)
+        t, words = whole(done)
         if req.fmt in ("srt", "vtt"):
             return PlainTextResponse(to_srt(t) if req.fmt == "srt" else to_vtt(t),
                                      media_type="text/vtt" if req.fmt == "vtt" else "text/plain")
@@ -638,10 +678,7 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
             if req.logprobs:
                 body["logprobs"] = logprobs(done)
             return JSONResponse(body)
-        segs = [_segment(i, s.start, s.end, s.text, s.token_ids, s.logprobs, s.no_speech_prob)
-                for i, s in enumerate(t.segments)]
-        return JSONResponse({"task": "transcribe", "language": "english", "duration": t.duration, "text": t.text,
-                             "segments": segs, **body})
+        return JSONResponse(verbose_json(t, words, req.granularities))
 
     async def submit(engine, wave: np.ndarray, t0: float):
         """Queue decoded audio in the engine. Returns the handle and an asyncio queue of text deltas ending
@@ -705,8 +742,6 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
         try:
             req = await read_request(request)
             engine = engines[req.model]
-            if req.logprobs and not _decoder_has_logprobs(engine):  # refused before any work
-                raise ApiError(400, "logprobs not available from this decoder", "logprobs_unavailable", "include")
             t0 = time.perf_counter()
             wave = await decode(req)
             if req.chunking is not None or len(wave) > settings.long_form_seconds * TARGET_RATE:
@@ -733,12 +768,17 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
                 result = handle.result(0)
             except Exception as e:
                 raise failed(e) from None
-            no_speech = None
+            score = vad = None
             if scores is not None:
-                score, _ = await scores
-                no_speech = no_speech_prob(score, 0, len(wave))
-            body = format_transcription(req.fmt, result.text, result.duration, result.token_ids, result.logprobs,
-                                        no_speech)
+                score, vad = await scores
+            if _has_timestamps(engine) and req.fmt in ("verbose_json", "srt", "vtt"):  # the model's own timestamps
+                segments, words = model_timestamps([(0, len(wave))], [result], score)
+                t = LongTranscription(result.text, segments, result.duration, vad or "none")
+                body = (verbose_json(t, words, req.granularities) if req.fmt == "verbose_json" else
+                        to_srt(t) if req.fmt == "srt" else to_vtt(t))
+            else:
+                body = format_transcription(req.fmt, result.text, result.duration, result.token_ids, result.logprobs,
+                                            None if score is None else no_speech_prob(score, 0, len(wave)))
             if req.logprobs:
                 body["logprobs"] = logprobs_body(engine, result.token_ids, result.logprobs)
             if isinstance(body, dict):
@@ -844,7 +884,7 @@ def served_models(args: argparse.Namespace) -> list[tuple[str, argparse.Namespac
         raise ValueError(f"give --llm once (for every model) or once per --model, not {len(llms)} times for "
                          f"{len(models)} models")
     for i in range(len(names), len(models)):
-        names.append(ServerSettings.model_name if i == 0 else os.path.basename(str(models[i]).rstrip("/\\")))
+        names.append(_default_name(i, models[i]))
     if len(set(names)) != len(names):
         raise ValueError(f"served model names must differ: {names} (give --served-model-name for each --model)")
     out = []
@@ -855,10 +895,28 @@ def served_models(args: argparse.Namespace) -> list[tuple[str, argparse.Namespac
     return out
 
 
+def _default_name(i: int, model) -> str:
+    """The served name of the i-th ``--model`` without ``--served-model-name``: canary-qwen-2.5b for the first,
+    unless it is a Parakeet-TDT release (a local one told by its config; a hub id by its name, so that naming
+    never downloads), else the last part of its folder, file (less ``.nemo``) or hub id."""
+    from .parakeet import is_parakeet
+
+    name = os.path.basename(str(model).rstrip("/\\"))
+    local = os.path.exists(os.path.expanduser(str(model)))
+    if i == 0 and not (is_parakeet(model) if local else "parakeet" in name.lower()):
+        return ServerSettings.model_name
+    return name[: -len(".nemo")] if name.endswith(".nemo") else name
+
+
 def load_engine(args: argparse.Namespace, long_form_seconds: float = TRAINED_MAX_SECONDS):
-    """The engine for one ``--model``, with room in max_seq_len for the longest long-form segment."""
+    """The engine for one ``--model``: a ParakeetEngine for a Parakeet-TDT release (told by its config), else a
+    Canary-Qwen Engine with room in max_seq_len for the longest long-form segment."""
     from .engine import Engine
     from .options import engine_kwargs
+    from .parakeet import engine_from_args, is_parakeet
+
+    if is_parakeet(args.model):  # no KV cache or token budget; audio past long_form_seconds comes in segments
+        return engine_from_args(args)
 
     kwargs = engine_kwargs(args)
     # 12.5 audio frames per second, the prompt's text and the new tokens
