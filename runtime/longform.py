@@ -417,14 +417,9 @@ def join_texts(texts) -> str:
 
 def _transcribe_pieces(asr, pieces: list[np.ndarray], max_new_tokens: int | None,
                        progress: Callable[[int], None] | None, window: int | None) -> list:
-    """An Engine takes the pieces as ordinary requests, at most ``window`` at once (default: its max_queue);
-    a CanaryQwen (no ``submit``) runs them in its sorted static batches. Raises the first failure, after
-    cancelling the rest."""
-    if not hasattr(asr, "submit"):
-        from .options import DEFAULT_MAX_NEW_TOKENS
-
-        return asr.transcribe_samples(pieces, max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-                                      progress=progress)
+    """The engine takes the pieces as ordinary requests, at most ``window`` at once (default: its max_queue);
+    a CanaryQwen is its engine. Raises the first failure, after cancelling the rest."""
+    asr = getattr(asr, "engine", asr)
     results: list = []
     finished = threading.Event()
     failure: list[BaseException] = []
@@ -457,7 +452,7 @@ def transcribe_long(asr, audio: AudioInput, sample_rate: int | None = None, max_
                     on_plan: Callable[[int], None] | None = None, settings: VadSettings | None = None,
                     window: int | None = None, group: bool = True) -> LongTranscription:
     """Transcribe audio of any length with ``asr``: a running ``runtime.Engine`` (segments go in as ordinary
-    requests, at most ``window`` at once) or a ``runtime.CanaryQwen``. ``progress(n)``: n more segments done;
+    requests, at most ``window`` at once) or a ``runtime.CanaryQwen`` (its engine). ``progress(n)``: n more segments done;
     ``on_plan(n)``: the number of segments, once known. Raises what the segments' requests raise."""
     wave = load_audio(audio, sample_rate)
     score, name = speech_scores(wave, vad)
