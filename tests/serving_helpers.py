@@ -61,6 +61,15 @@ def engine_factory(**kwargs):
     return build_engine(**{k: v for k, v in kwargs.items() if k in keep and v is not None})
 
 
+def build_parakeet(**options):
+    """tdt-tiny's Parakeet-TDT on CPU, threaded; ``options``: ParakeetOptions fields."""
+    from test_parakeet import NEMO
+
+    from runtime.parakeet import ParakeetEngine
+
+    return ParakeetEngine.from_pretrained(NEMO, device="cpu", **options)
+
+
 def golden_text(stem: str) -> str:
     return TINY.meta["per_utterance"][stem]["single"]["text"].strip()
 
