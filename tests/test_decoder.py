@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # before triton is imported: the fast path's 
 
 from conftest import FIXTURES, Golden  # noqa: E402
 from engine.backends.base import DecodeRequest  # noqa: E402
-from engine.backends.decoder_torch import TorchDecoder, ladder  # noqa: E402
+from engine.backends.decoder_torch import TorchDecoder, ladder, packed_length  # noqa: E402
 from engine.checkpoint import build_model, resolve  # noqa: E402
 from engine.kernels import paged_attention  # noqa: E402
 from runtime.scheduler import BlockAllocator  # noqa: E402
@@ -106,8 +106,10 @@ def test_reference_path_matches_generate(model_tok, lag):
     assert {v[1] for v in got.values()} == {"stop", "length"}
     assert model.llm.fused
     assert dec.prefill_tokens == sum(r.prompt_len for r in reqs)
-    assert all(n % dec.prefill_bucket == 0 for _, n in dec.prefill_shapes)
-    assert 0 < dec.prefill_padded_tokens < len(reqs) * dec.prefill_bucket  # 6 rows, each < one bucket short
+    assert all(rows == 1 and n == packed_length(n) for rows, n in dec.prefill_shapes)  # packed rows
+    lens = [r.prompt_len for r in reqs]  # one packed prefill per arrival step: 0, 1, 3, 9
+    assert [t for *_, t in dec.prefill_log] == [lens[0] + lens[1], lens[2], lens[3] + lens[4], lens[5]]
+    assert dec.prefill_padded_tokens == sum(n - t for _, n, t in dec.prefill_log) > 0
 
 
 @pytest.mark.skipif(not paged_attention.available() or os.environ.get("TRITON_INTERPRET") != "1",
@@ -120,6 +122,46 @@ def test_triton_path_matches_reference_path(model_tok):
     dec = TorchDecoder(model, 64, BS, 5, 256, eos, fast=True, num_splits=3)
     got = drive(dec, reqs, arrive=[0, 1, 1, 2, 6])
     check(model, tok, reqs, got, eos)
+
+
+def test_packed_length_keeps_shapes_few_and_padding_small():
+    lengths = [packed_length(t) for t in range(1, 8193)]
+    assert all(n >= t for t, n in zip(range(1, 8193), lengths)) and lengths == sorted(lengths)
+    assert len(set(lengths)) <= 16
+    assert all(n - t < (256 if t <= 2048 else 1024) for t, n in zip(range(1, 8193), lengths))
+    assert packed_length(20000) >= 20000  # one over-long prompt admitted alone still gets a row
+
+
+def _slots(dec, r):
+    p = torch.arange(r.prompt_len)
+    return torch.tensor(r.blocks)[p // BS] * BS + p % BS
+
+
+def test_packed_prefill_equals_each_prompt_alone(model_tok):
+    """One packed prefill of mixed lengths (a 1-frame audio prompt among them) gives each request the same
+    first token, log-probability and cached K/V as prefilling it alone."""
+    model, tok = model_tok
+    reqs = make_requests(model, tok, 5, seed=3)
+    reqs[1].audio = reqs[1].audio[:1]  # one audio frame
+    reqs[3].pre_ids, reqs[3].post_ids = reqs[3].pre_ids[:1], []
+    alloc = BlockAllocator(64, BS)
+    for r in reqs:
+        r.blocks = alloc.allocate(-(-(r.prompt_len + r.max_new_tokens) // BS))
+    packed = TorchDecoder(model, 64, BS, 8, 256, -1)
+    for r in reqs:
+        packed.add(r)
+    first = packed.step()
+    assert packed.prefill_shapes == {(1, packed_length(sum(r.prompt_len for r in reqs)))}
+    for r in reqs:
+        alone = TorchDecoder(model, 64, BS, 8, 256, -1)
+        alone.add(r)
+        assert alone.step()[r.request_id] == first[r.request_id]
+        assert alone.logprobs[r.request_id] == pytest.approx(packed.logprobs[r.request_id], rel=1e-5)
+        slots = _slots(alone, r)
+        for layer in range(model.cfg.llm.num_layers):
+            for a, b in ((alone.kv.k, packed.kv.k), (alone.kv.v, packed.kv.v)):
+                torch.testing.assert_close(a[layer][slots], b[layer][slots], atol=1e-5, rtol=1e-5)
+                assert a[layer][slots].abs().sum() > 0
 
 
 def test_fused_projections_match_unfused():

@@ -21,13 +21,17 @@ Attention, two paths:
 - reference (CPU, fp32): SDPA over exactly the live length (keys gathered once per layer, no power-of-two
   padding), query heads folded onto their kv head (no key repeat); the exact path that gives NeMo's ids.
 
-Prefill: the new requests as one right-padded batch, lengths rounded up to ``prefill_bucket`` so shapes
-stay few; causal attention (padding keys lie beyond every valid query), no mask tensor; every host-side
-index of the batch goes to the device in one copy (pinned on CUDA).
+Prefill: the new requests packed into one row [1, T], each prompt's positions restarting at 0, T the total
+prompt tokens rounded up by ``packed_length`` (few shapes, little padding); the padding is one more segment
+and writes to scratch. Attention is causal within each prompt: torch's varlen flash attention on CUDA in
+half precision, else SDPA per prompt segment (the same math as a causal row of its own, so exact on CPU
+fp32). The linear layers run on exactly T rows. Every host-side index of the batch goes to the device in one
+copy (pinned on CUDA).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import deque
 from contextlib import nullcontext
@@ -57,6 +61,43 @@ def bucket(n: int, rungs: list[int]) -> int:
     return next(r for r in rungs if r >= n)
 
 
+def packed_length(tokens: int) -> int:
+    """Length of a packed prefill row holding ``tokens`` prompt tokens: a multiple of 256 up to 2048, of
+    1024 beyond. Up to 8192 tokens (``max_prefill_tokens``) that is 14 shapes, each of which costs a kernel
+    plan / autotune on a GPU the first time; the padding is under 256 tokens up to 2048 and under 1024 beyond,
+    i.e. a few percent of the big admissions that dominate an offline run."""
+    step = 256 if tokens <= 2048 else 1024
+    return max(step, -(-tokens // step) * step)
+
+
+def _varlen_attention():
+    """torch's packed (varlen) flash attention as ``f(q [T, h, hd], k/v [T, kvh, hd], cu [S+1] int32, max_len,
+    scale) -> [T, h, hd]``, causal within each segment; None where torch has none. Its signature changed
+    across releases (``is_causal`` in 2.9/2.10, ``window_size=(-1, 0)`` later, ``enable_gqa`` from 2.12): read
+    it, and repeat the kv heads where grouped-query attention is not taken."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+
+    def run(q, k, v, cu, max_len, scale):
+        kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        if "scale" in params:
+            kw["scale"] = scale
+        elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+            raise ValueError(f"this torch's varlen_attn has no scale argument; needed {scale}")
+        if q.shape[1] != k.shape[1]:
+            if "enable_gqa" in params:
+                kw["enable_gqa"] = True
+            else:  # one copy of each kv head per query head of its group
+                g = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # [T, h, hd]
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+    return run
+
+
 def _kernels():
     from engine.kernels import paged_attention
 
@@ -79,16 +120,24 @@ class PagedKV:
 
 
 class _PrefillView:
-    """Cache seen by the layers during prefill: store k/v at ``write`` [B*n], causal attention in the batch."""
+    """Cache seen by the layers during the packed prefill: store k/v at ``write`` [T], attention causal within
+    each segment ``bounds[i]:bounds[i+1]`` (host ints; ``cu`` the same on the device, int32, for varlen)."""
 
-    def __init__(self, kv: PagedKV, write: torch.Tensor):
-        self.kv, self.write = kv, write
+    def __init__(self, kv: PagedKV, write: torch.Tensor, bounds: list[int], cu: torch.Tensor, varlen=None):
+        self.kv, self.write, self.bounds, self.cu, self.varlen = kv, write, bounds, cu, varlen
+        self.max_len = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
 
     def attend(self, layer, q, k, v, mask, scale):
-        b, kvh, n, hd = k.shape
-        self.kv.k[layer][self.write] = k.transpose(1, 2).reshape(b * n, kvh, hd)  # [B*n, kvh, hd]
-        self.kv.v[layer][self.write] = v.transpose(1, 2).reshape(b * n, kvh, hd)
-        return attention(q, k, v, None, scale)
+        kt, vt = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [1, kvh, T, hd] -> [T, kvh, hd]
+        self.kv.k[layer][self.write] = kt
+        self.kv.v[layer][self.write] = vt
+        if self.varlen is not None:
+            out = self.varlen(q[0].transpose(0, 1).contiguous(), kt.contiguous(), vt.contiguous(), self.cu,
+                              self.max_len, scale)  # [T, h, hd]
+            return out.transpose(0, 1)[None]  # [1, h, T, hd]
+        b = self.bounds
+        return torch.cat([attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None, scale)
+                          for s, e in zip(b[:-1], b[1:])], 2)  # [1, h, T, hd]
 
 
 class _DecodeView:
@@ -116,10 +165,9 @@ class TorchDecoder:
     name = "torch"
 
     def __init__(self, model: CanaryQwenModel, num_blocks: int, block_size: int, max_batch_size: int,
-                 max_seq_len: int, eos_id: int, cuda_graphs: bool = True, prefill_bucket: int | None = None,
-                 num_splits: int = 4, fast: bool | None = None):
-        """``prefill_bucket``: prompt lengths are padded to a multiple of it (default 64 on CUDA, 16
-        elsewhere); ``num_splits``: split-KV programs per sequence and kv head (fast path); ``fast``: force
+                 max_seq_len: int, eos_id: int, cuda_graphs: bool = True, num_splits: int = 4,
+                 fast: bool | None = None):
+        """``num_splits``: split-KV programs per sequence and kv head (fast path); ``fast``: force
         the Triton path on or off (default: CUDA bf16/fp16 with triton and a power-of-two block size)."""
         self.model, self.eos_id = model, eos_id
         self.block_size, self.num_blocks, self.num_splits = block_size, num_blocks, num_splits
@@ -135,10 +183,13 @@ class TorchDecoder:
         self.max_blocks = -(-max_seq_len // block_size)
         self.max_batch_size = max_batch_size
         self.batch_rungs = ladder(max_batch_size)
-        self.prefill_bucket = prefill_bucket or (64 if dev.type == "cuda" else 16)
-        self.prefill_shapes: set[tuple[int, int]] = set()  # (batch, padded length) of every prefill
+        self.prefill_shapes: set[tuple[int, int]] = set()  # (rows, length) of every prefill: (1, packed length)
         self.prefill_tokens = 0  # prompt tokens prefilled
         self.prefill_padded_tokens = 0  # padding positions computed alongside them
+        self.prefill_log: deque = deque(maxlen=65536)  # (rows, length, prompt tokens) of recent prefills
+        # Packed flash attention for half precision on CUDA; elsewhere (and in fp32) SDPA per prompt.
+        self._varlen = (_varlen_attention() if dev.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
+                        else None)
         if fast is None:
             pow2 = all(x & (x - 1) == 0 for x in (block_size, model.cfg.llm.head_dim))
             fast = (dev.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16) and pow2
@@ -293,49 +344,55 @@ class TorchDecoder:
         model, dev, bs = self.model, self.model.device, self.block_size
         b = len(reqs)
         lens = np.array([r.prompt_len for r in reqs], dtype=np.int64)
-        n = int(-(-lens.max() // self.prefill_bucket) * self.prefill_bucket)
+        total = int(lens.sum())
+        T = packed_length(total)
+        starts = np.concatenate([[0], np.cumsum(lens)])  # [B+1] offset of each prompt in the packed row
+        bounds = starts.tolist() + ([T] if T > total else [])  # the padding is a segment too: all rows defined
         text = [r.pre_ids + r.post_ids for r in reqs]
         n_text = sum(len(t) for t in text)
         n_audio = sum(r.audio.shape[0] for r in reqs)
         pad_row = n_text + n_audio  # index of the zero embedding
-        src = np.full((b, n), pad_row, dtype=np.int64)  # row of each position in [text; audio; zero]
-        write = np.full((b, n), SCRATCH_SLOT, dtype=np.int64)
+        src = np.full(T, pad_row, dtype=np.int64)  # row of each position in [text; audio; zero]
+        write = np.full(T, SCRATCH_SLOT, dtype=np.int64)
+        pos = np.zeros(T, dtype=np.int64)  # position within its own prompt (0 for the padding)
         table = np.zeros((b, self.max_blocks), dtype=np.int64)
         t_at, a_at = 0, n_text
         for i, r in enumerate(reqs):
-            npre, na, npost = len(r.pre_ids), r.audio.shape[0], len(r.post_ids)
-            src[i, :npre] = np.arange(t_at, t_at + npre)
-            src[i, npre : npre + na] = np.arange(a_at, a_at + na)
-            src[i, npre + na : lens[i]] = np.arange(t_at + npre, t_at + npre + npost)
+            s, npre, na, npost = int(starts[i]), len(r.pre_ids), r.audio.shape[0], len(r.post_ids)
+            src[s : s + npre] = np.arange(t_at, t_at + npre)
+            src[s + npre : s + npre + na] = np.arange(a_at, a_at + na)
+            src[s + npre + na : s + lens[i]] = np.arange(t_at + npre, t_at + npre + npost)
             t_at, a_at = t_at + npre + npost, a_at + na
             blocks = np.asarray(r.blocks[: self.max_blocks], dtype=np.int64)
             table[i, : len(blocks)] = blocks
             p = np.arange(lens[i])
-            write[i, : lens[i]] = blocks[p // bs] * bs + p % bs
+            pos[s : s + lens[i]] = p
+            write[s : s + lens[i]] = blocks[p // bs] * bs + p % bs
         rows = np.arange(self.n, self.n + b)
         limits = np.array([r.max_new_tokens for r in reqs], dtype=np.int64)
-        last = np.arange(b) * n + lens - 1
+        last = starts[1:] - 1  # each prompt's last token
         ids = np.fromiter((t for row in text for t in row), dtype=np.int64, count=n_text)
-        parts = [ids, src.ravel(), write.ravel(), last, rows, lens, limits, table.ravel()]
+        parts = [ids, src, write, pos, last, rows, lens, limits, table.ravel(), np.asarray(bounds, dtype=np.int64)]
         host = torch.from_numpy(np.concatenate(parts))
         if dev.type == "cuda":
             host = host.pin_memory()
         flat = host.to(dev, non_blocking=True)  # the one host -> device copy of the batch
-        d_ids, d_src, d_write, d_last, d_rows, d_lens, d_limits, d_table = flat.split([len(x) for x in parts])
+        d_ids, d_src, d_write, d_pos, d_last, d_rows, d_lens, d_limits, d_table, d_cu = flat.split(
+            [len(x) for x in parts])
         embed_src = torch.cat([model.embed_tokens(d_ids), *(r.audio.to(dev, model.dtype) for r in reqs),
                                torch.zeros(1, model.cfg.llm.hidden_size, dtype=model.dtype, device=dev)])
-        embeds = embed_src[d_src].view(b, n, -1)  # [B, n, H], right padded
-        positions = self._arange[:n].expand(b, n)
+        embeds = embed_src[d_src][None]  # [1, T, H], packed
         ctx = nullcontext()
-        if dev.type == "cuda":
+        if dev.type == "cuda" and self._varlen is None:
             from torch.nn.attention import sdpa_kernel
 
             from .cuda_settings import sdpa_backends
 
             ctx = sdpa_kernel(sdpa_backends(model.dtype))
+        view = _PrefillView(self.kv, d_write, bounds, d_cu.to(torch.int32), self._varlen)
         with ctx:
-            hidden = model.llm(embeds, positions, None, _PrefillView(self.kv, d_write))
-        last_hidden = hidden.reshape(b * n, -1)[d_last]  # [B, H]
+            hidden = model.llm(embeds, d_pos[None], None, view)
+        last_hidden = hidden[0, d_last]  # [B, H]
         self._table[d_rows] = d_table.view(b, self.max_blocks)
         self._pos[d_rows] = d_lens
         self._limit[d_rows] = d_limits
@@ -348,9 +405,10 @@ class TorchDecoder:
         self._open[rows] = True
         self._len[rows] = lens
         self.n += b
-        self.prefill_shapes.add((b, n))
-        self.prefill_tokens += int(lens.sum())
-        self.prefill_padded_tokens += b * n - int(lens.sum())
+        self.prefill_shapes.add((1, T))
+        self.prefill_log.append((1, T, total))
+        self.prefill_tokens += total
+        self.prefill_padded_tokens += T - total
 
     # ---- decode ------------------------------------------------------------------------------------
 
