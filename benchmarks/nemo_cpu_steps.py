@@ -91,6 +91,17 @@ def hook_nemo(stages: Stages) -> None:
     Qwen3ForCausalLM.forward = llm_forward
 
 
+def staged(transcribe, stages: Stages, record: list):
+    """``transcribe`` that appends the stage times of each call to ``record``."""
+    def run(paths):
+        stages.take()
+        result = transcribe(paths)
+        record.append(stages.take())
+        return result
+
+    return run
+
+
 def summary(times: list[float], stage_passes: list[dict]) -> dict:
     out = {"e2e_s": round(statistics.median(times), 3), "e2e_all_s": [round(t, 3) for t in times]}
     for name in ("encoder", "prefill", "decode"):
@@ -119,34 +130,29 @@ def main(argv: list[str] | None = None) -> int:
 
     from runtime.engine import Engine
 
+    load_at_start = os.getloadavg()
     items = longest_first(read_manifest(args.manifest))
     paths_audio = sum(u.duration for u in items)
     ours, theirs = Stages(), Stages()
-    engine = Engine.from_pretrained(model=args.model, llm=args.llm, device="cpu", dtype="float32",
-                                    max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens)
-    hook_engine(engine, ours)
-    with contextlib.redirect_stdout(sys.stderr):  # NeMo logs to stdout (its handler binds it at import)
+    # NeMo and its telemetry log to stdout, which carries only the JSON line
+    with contextlib.redirect_stdout(sys.stderr):
+        engine = Engine.from_pretrained(model=args.model, llm=args.llm, device="cpu", dtype="float32",
+                                        max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens)
+        hook_engine(engine, ours)
         hook_nemo(theirs)
         nemo = nemo_transcriber(args.model, "cpu", torch.float32, args.max_batch_size, args.max_new_tokens)
-    stage_passes = {"canary-trt": [], "nemo": []}
-
-    def staged(name, transcribe, stages):
-        def run(paths):
-            stages.take()
-            result = transcribe(paths)
-            stage_passes[name].append(stages.take())
-            return result
-
-        return run
-
-    try:
-        runs = timed_passes({"canary-trt": staged("canary-trt", engine_transcriber(engine, args.max_new_tokens), ours),
-                             "nemo": staged("nemo", nemo, theirs)}, items, args.repeats, args.warmup)
-    finally:
-        engine.close()
+        stage_passes = {"canary-trt": [], "nemo": []}
+        transcribers = {"canary-trt": staged(engine_transcriber(engine, args.max_new_tokens), ours,
+                                             stage_passes["canary-trt"]),
+                        "nemo": staged(nemo, theirs, stage_passes["nemo"])}
+        try:
+            runs = timed_passes(transcribers, items, args.repeats, args.warmup)
+        finally:
+            engine.close()
     report = {"benchmark": "nemo_cpu_steps", "git_commit": _git_commit(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": args.model,
-              "device": machine_name("cpu"), "precision": "float32", "load_average_at_end": os.getloadavg(),
+              "device": machine_name("cpu"), "precision": "float32",
+              "load_average": {"start": load_at_start, "end": os.getloadavg()},
               "utterances": len(items), "audio_s": round(paths_audio, 2), "max_batch_size": args.max_batch_size,
               "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "warmup_utterances": args.warmup}
     for name, (times, passes) in runs.items():
