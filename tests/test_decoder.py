@@ -3,6 +3,7 @@ one-step-behind report, the Triton fast path (under the interpreter on CPU), fus
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -162,6 +163,63 @@ def test_packed_prefill_equals_each_prompt_alone(model_tok):
             for a, b in ((alone.kv.k, packed.kv.k), (alone.kv.v, packed.kv.v)):
                 torch.testing.assert_close(a[layer][slots], b[layer][slots], atol=1e-5, rtol=1e-5)
                 assert a[layer][slots].abs().sum() > 0
+
+
+OLD_VARLEN = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in (
+    "query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k")] + [inspect.Parameter(
+        n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for n, d in (("is_causal", False),
+                                                                          ("return_aux", None))])
+
+
+@pytest.mark.parametrize("signature", ["installed", "2.9"])
+def test_varlen_adapter_packs_for_torch_varlen_attn(model_tok, monkeypatch, signature):
+    """The CUDA half-precision path's call into torch.nn.attention.varlen (flash only, so not runnable on CPU):
+    a stand-in with the installed torch's signature (or the older is_causal one, without GQA or scale)
+    checks the arguments and computes each segment with causal SDPA; the decoder must then give the same
+    tokens and K/V as its per-segment path."""
+    from torch.nn.attention import varlen
+
+    from engine.backends.decoder_torch import _varlen_attention
+
+    sig = inspect.signature(varlen.varlen_attn) if signature == "installed" else OLD_VARLEN
+    calls = []
+
+    def stand_in(*args, **kw):
+        a = sig.bind(*args, **kw).arguments
+        q, k, v, cu = a["query"], a["key"], a["value"], a["cu_seq_q"]
+        causal = ((-1, 0), None) if "window_size" in sig.parameters else (None, True)
+        assert (a.get("window_size"), a.get("is_causal")) == causal
+        assert cu.dtype == torch.int32 and a["cu_seq_k"] is cu and q.shape[0] == int(cu[-1])
+        assert a["max_q"] == a["max_k"] == int((cu[1:] - cu[:-1]).max())
+        gqa = a.get("enable_gqa", False)
+        assert gqa == (k.shape[1] != q.shape[1])
+        b = cu.tolist()
+        out = [torch.nn.functional.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True,
+            scale=a.get("scale"), enable_gqa=gqa) for s, e in zip(b[:-1], b[1:])]
+        calls.append(gqa)
+        return torch.cat(out, 1).transpose(0, 1)  # [T, h, hd]
+
+    stand_in.__signature__ = sig
+    monkeypatch.setattr(varlen, "varlen_attn", stand_in)
+    model, tok = model_tok
+    reqs = make_requests(model, tok, 4, seed=4)
+    alloc = BlockAllocator(64, BS)
+    for r in reqs:
+        r.blocks = alloc.allocate(-(-(r.prompt_len + r.max_new_tokens) // BS))
+    decs = [TorchDecoder(model, 64, BS, 8, 256, -1) for _ in range(2)]
+    decs[1]._varlen = _varlen_attention()
+    outs = []
+    for d in decs:
+        for r in reqs:
+            d.add(r)
+        outs.append(d.step())
+    assert calls == [signature == "installed"] * model.cfg.llm.num_layers  # 2.9: kv heads repeated instead
+    assert outs[0] == outs[1]
+    for r in reqs:
+        slots = _slots(decs[0], r)
+        torch.testing.assert_close(decs[1].kv.k[-1][slots], decs[0].kv.k[-1][slots])
+        torch.testing.assert_close(decs[1].kv.v[-1][slots], decs[0].kv.v[-1][slots])
 
 
 def test_fused_projections_match_unfused():
