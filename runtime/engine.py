@@ -338,6 +338,7 @@ class Engine:
     def step(self) -> None:
         """Take new requests and cancellations; encode ahead; admit a chunk (encode the rest, queue their
         prefill); one decoder step; postprocess what it delivered."""
+        self.steps += 1  # counted when it begins, so a result never arrives before its step is counted
         with self._cv:
             inbox, self._inbox = self._inbox, []
         for kind, payload in inbox:
@@ -387,7 +388,6 @@ class Engine:
                 msg = failed.pop(rid)
                 if rid in self._requests:
                     self._finish(self._requests[rid], "error", RuntimeError(f"decoder: {msg}"))
-        self.steps += 1
 
     def _encode(self, reqs: list[_Request]) -> None:
         """Encode the requests' audio as one call (the backend cuts it into length-sorted batches); if that
