@@ -9,8 +9,6 @@ filterbank) so activations stay finite and decoding behaves like a real model's,
 from __future__ import annotations
 
 import math
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -58,13 +56,10 @@ def small_dicts() -> tuple[dict, dict]:
 
 
 @torch.no_grad()
-def random_model(salm: dict, llm: dict, dtype=torch.float32, device="cpu", seed: int = 0):
-    """(model, tokenizer) with random weights, built directly on ``device`` in ``dtype``."""
-    cfg = ModelConfig.from_dicts(salm, llm, "benchmark SALM config", "benchmark Qwen3 config")
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = CanaryQwenModel(cfg)
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+def fill_random_(module: torch.nn.Module) -> None:
+    """Plausible random values for every float parameter and buffer, in place: unit norm gains, fan-in-scaled
+    weights, a Hann window, a positive filterbank, unit BatchNorm variance."""
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         if not t.is_floating_point():
             continue
         if name.endswith("window"):
@@ -79,6 +74,47 @@ def random_model(salm: dict, llm: dict, dtype=torch.float32, device="cpu", seed:
             t.normal_(0, 0.1)
         else:
             t.normal_(0, 1 / math.sqrt(t[0].numel()))  # fan-in scaling keeps activations O(1)
+
+
+@torch.no_grad()
+def random_parakeet(encoder: dict | None = None, device="cpu", dtype=torch.float32, seed: int = 0):
+    """(net, tokenizer, raw config): Parakeet-TDT in the v2 architecture (tests/fixtures/parakeet-v2-config),
+    its encoder settings updated with ``encoder`` (e.g. fewer, narrower layers for a CPU), tdt-tiny's labels and
+    tokenizer, random weights; the encoder in ``dtype`` (the decoder stays float32)."""
+    import yaml
+
+    from engine.parakeet import NemoArchive, ParakeetTDT, TdtConfig, read_tokenizer
+
+    fixtures = ROOT / "tests" / "fixtures"
+    raw = yaml.safe_load((fixtures / "parakeet-v2-config" / "model_config.yaml").read_text())
+    if encoder:
+        raw["encoder"].update(encoder)
+        if "d_model" in encoder:
+            raw["joint"]["jointnet"]["encoder_hidden"] = raw["model_defaults"]["enc_hidden"] = encoder["d_model"]
+    archive = NemoArchive(fixtures / "tdt-tiny" / "model" / "parakeet.nemo")
+    tiny = yaml.safe_load(archive.read("model_config.yaml", "model config"))
+    tok = read_tokenizer(archive, tiny)
+    archive.close()
+    raw["labels"] = tiny["labels"]
+    raw["decoder"]["vocab_size"] = raw["joint"]["num_classes"] = len(tiny["labels"])
+    cfg = TdtConfig.from_nemo(raw, "random Parakeet-TDT v2 config")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        net = ParakeetTDT(cfg)
+    fill_random_(net)
+    net.prediction.embed.weight[cfg.blank_id].zero_()  # the padding row, as NeMo's
+    net.encoder.to(dtype)
+    return net.eval(), tok, raw
+
+
+@torch.no_grad()
+def random_model(salm: dict, llm: dict, dtype=torch.float32, device="cpu", seed: int = 0):
+    """(model, tokenizer) with random weights, built directly on ``device`` in ``dtype``."""
+    cfg = ModelConfig.from_dicts(salm, llm, "benchmark SALM config", "benchmark Qwen3 config")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = CanaryQwenModel(cfg)
+    fill_random_(model)
     model = model.to(dtype)
     model.perception.preprocessor.float()  # the frontend always runs in float32
     tok = Tokenizer.from_dir(TOKENIZER_DIR, cfg.audio_locator_tag)

@@ -20,7 +20,7 @@ speed parts random weights in the release architecture (benchmarks/common.py). P
 7. ``single_stream``: latency and time to first token of one 10 s utterance, alone.
 8. ``tensorrt`` / ``trtllm``: run where installed, else marked skipped with the reason.
 9. ``parakeet``: Parakeet-TDT at the v2 size, random weights: RTFx at batch 64/128/256 and single-stream
-   latency, where runtime/parakeet.py is present.
+   latency (benchmarks/parakeet_gpu.py).
 Each part that fails records its error and the script goes on; the exit code is 1 if any exactness check failed.
 """
 
@@ -283,13 +283,9 @@ def optional_stacks() -> dict:
 
 
 def parakeet(device: torch.device, small: bool) -> dict:
-    try:
-        from runtime import parakeet as tdt_runtime  # noqa: F401
-    except ImportError as e:
-        return {"skipped": f"runtime/parakeet.py is not importable here: {e}"}
-    if not hasattr(tdt_runtime, "benchmark"):
-        return {"skipped": "runtime/parakeet.py has no benchmark() entry point yet"}
-    return tdt_runtime.benchmark(device=device, small=small)
+    from parakeet_gpu import benchmark
+
+    return benchmark(device=device, small=small)
 
 
 # ---- main -----------------------------------------------------------------------------------------------------

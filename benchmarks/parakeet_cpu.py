@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import statistics
 import sys
@@ -38,10 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import common
 from common import ROOT, machine_name, random_model, small_dicts, tokens_for
 
 from engine.checkpoint import build_model, resolve  # noqa: E402
-from engine.parakeet import NemoArchive, ParakeetTDT, TdtConfig, load_parakeet, read_tokenizer  # noqa: E402
+from engine.parakeet import load_parakeet  # noqa: E402
 from runtime.audio import load_audio  # noqa: E402
 from runtime.engine import Engine, EngineOptions  # noqa: E402
 from runtime.parakeet import ParakeetEngine, ParakeetOptions  # noqa: E402
@@ -56,45 +56,15 @@ def clips(copies: int) -> list[np.ndarray]:
     return [w for _ in range(copies) for w in waves]
 
 
-@torch.no_grad()
 def random_parakeet(seed: int = 0, real_size: bool = False):
     """The v2 config with the small_dicts encoder (``real_size``: v2's own, 24 x 1024) and tdt-tiny's labels,
     random weights; tdt-tiny's tokenizer."""
-    import yaml
-
-    raw = yaml.safe_load(V2_CONFIG.read_text())
-    if not real_size:
-        salm, _ = small_dicts()
-        small = salm["perception"]["encoder"]
-        raw["encoder"].update({k: small[k] for k in ("n_layers", "d_model", "n_heads", "subsampling_conv_channels")})
-        raw["joint"]["jointnet"]["encoder_hidden"] = raw["model_defaults"]["enc_hidden"] = small["d_model"]
-    archive = NemoArchive(TDT_TINY / "model" / "parakeet.nemo")
-    tiny = yaml.safe_load(archive.read("model_config.yaml", "model config"))
-    raw["labels"] = tiny["labels"]
-    raw["decoder"]["vocab_size"] = raw["joint"]["num_classes"] = len(tiny["labels"])
-    tok = read_tokenizer(archive, tiny)
-    cfg = TdtConfig.from_nemo(raw, "benchmark Parakeet config")
+    small = small_dicts()[0]["perception"]["encoder"]
+    keys = ("n_layers", "d_model", "n_heads", "subsampling_conv_channels")
+    net, tok, raw = common.random_parakeet(None if real_size else {k: small[k] for k in keys}, seed=seed)
     RANDOM_PARAKEET_CONFIG.clear()
     RANDOM_PARAKEET_CONFIG.update(raw)
-    torch.manual_seed(seed)
-    net = ParakeetTDT(cfg)
-    for name, t in list(net.named_parameters()) + list(net.named_buffers()):
-        if not t.is_floating_point():
-            continue
-        if name.endswith("window"):
-            t.copy_(torch.hann_window(t.shape[0], periodic=False))
-        elif name.endswith(".fb"):
-            t.uniform_(0, 0.02)
-        elif name.endswith("running_var"):
-            t.fill_(1.0)
-        elif t.dim() == 1:
-            t.fill_(1.0) if "norm" in name and name.endswith("weight") else t.normal_(0, 0.02)
-        elif "pos_bias" in name:
-            t.normal_(0, 0.1)
-        else:
-            t.normal_(0, 1 / math.sqrt(t[0].numel()))
-    net.prediction.embed.weight[cfg.blank_id].zero_()  # padding_idx row, as NeMo's
-    return net.eval(), tok
+    return net, tok
 
 
 RANDOM_PARAKEET_CONFIG: dict = {}  # model_config.yaml of the last random_parakeet(), for the NeMo baseline

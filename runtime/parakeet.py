@@ -18,9 +18,6 @@ API (for the CLI, the server and the Triton model)::
         long, words = engine.transcribe_long("hour.wav", max_segment_s=40.0)  # cut at pauses; LongTranscription
                                                      # + every word, timestamps offset into the whole file
 
-``benchmark(device, small)`` is benchmarks/gpu_check.py's "parakeet" part: RTFx of the v2 architecture (random
-weights) at max batch 64/128/256, single-stream latency, graphs vs eager tokens.
-
 Timestamps are NeMo's ``transcribe(timestamps=True)`` values (engine/tdt.py). ``submit`` decodes and
 resamples in the calling thread (a bad input fails there, naming it) and raises QueueFull past ``max_queue``
 waiting requests, EngineClosed once closing. A background thread takes up to ``max_batch_size`` waiting
@@ -33,13 +30,11 @@ request at a time, so a bad request fails alone.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -460,106 +455,3 @@ def transcribe_cli(args) -> int:
             else:
                 print(r.text if len(args.files) == 1 else f"{f}\t{r.text}", flush=True)
     return 1 if errors else 0
-
-
-# ---- GPU check entry point (benchmarks/gpu_check.py, part "parakeet") ------------------------------------------
-
-
-@torch.no_grad()
-def random_model(device: torch.device, dtype: torch.dtype, small: bool = False, seed: int = 0):
-    """Parakeet-TDT in the v2 architecture (tests/fixtures/parakeet-v2-config; ``small``: 2 x 128 encoder)
-    with tdt-tiny's 128-piece tokenizer and random weights (fan-in scaled, unit norm gains): for benchmarks,
-    which need no download. Needs a source checkout (the fixtures)."""
-    import yaml
-
-    from engine.parakeet import NemoArchive, ParakeetTDT, TdtConfig, read_tokenizer
-
-    fixtures = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
-    raw = yaml.safe_load((fixtures / "parakeet-v2-config" / "model_config.yaml").read_text())
-    archive = NemoArchive(fixtures / "tdt-tiny" / "model" / "parakeet.nemo")
-    tiny = yaml.safe_load(archive.read("model_config.yaml", "model config"))
-    tok = read_tokenizer(archive, tiny)
-    archive.close()
-    raw["labels"] = tiny["labels"]
-    raw["decoder"]["vocab_size"] = raw["joint"]["num_classes"] = len(tiny["labels"])
-    if small:
-        raw["encoder"].update(n_layers=2, d_model=128, n_heads=4, subsampling_conv_channels=64)
-        raw["joint"]["jointnet"]["encoder_hidden"] = 128
-    cfg = TdtConfig.from_nemo(raw, "random Parakeet-TDT v2 config")
-    torch.manual_seed(seed)
-    with torch.device(device):
-        net = ParakeetTDT(cfg)
-    for name, t in list(net.named_parameters()) + list(net.named_buffers()):
-        if not t.is_floating_point():
-            continue
-        if name.endswith("window"):
-            t.copy_(torch.hann_window(t.shape[0], periodic=False))
-        elif name.endswith(".fb"):
-            t.uniform_(0, 0.02)
-        elif name.endswith("running_var"):
-            t.fill_(1.0)
-        elif t.dim() == 1:
-            t.fill_(1.0) if "norm" in name and name.endswith("weight") else t.normal_(0, 0.02)
-        elif "pos_bias" in name:
-            t.normal_(0, 0.1)
-        else:
-            t.normal_(0, 1 / math.sqrt(t[0].numel()))
-    net.prediction.embed.weight[cfg.blank_id].zero_()
-    net.encoder.to(dtype)
-    return net.eval(), tok
-
-
-def benchmark(device: str | torch.device = "cuda", small: bool = False, batches: tuple[int, ...] = (64, 128, 256),
-              utterances: int = 512, seed: int = 0) -> dict:
-    """RTFx of the v2-size model (random weights, bf16 encoder on GPUs) at each max batch size on LibriSpeech-like
-    durations (log-normal, 1-35 s, mean about 7.4 s; noise), CUDA graphs on; single-stream latency of one 10 s
-    utterance; and whether graphs and eager decoding give the same tokens. Timed from submit (waveforms in
-    memory) to the last result, after an untimed warm-up of each configuration. ``small``: a CPU smoke test."""
-    dev = torch.device(device)
-    dtype = pick_dtype(None, dev)
-    net, tok = random_model(dev, dtype, small)
-    rng = np.random.default_rng(seed)
-    n = 12 if small else utterances
-    if small:
-        batches = (4, 8)
-    mu = math.log(7.4) - 0.6**2 / 2
-    durations = np.clip(np.exp(rng.normal(mu, 0.6, n)), 1.0, 3.0 if small else 35.0)
-    waves = [(rng.standard_normal(int(d * TARGET_RATE)) * 0.1).astype(np.float32) for d in durations]
-    audio_s = float(sum(len(w) for w in waves) / TARGET_RATE)
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    def run(engine: ParakeetEngine, items) -> tuple[float, list[Transcription]]:
-        sync()
-        t0 = time.perf_counter()
-        results = [h.result() for h in [engine.submit(w, TARGET_RATE) for w in items]]
-        sync()
-        return time.perf_counter() - t0, results
-
-    report: dict = {"model": f"Parakeet-TDT v2 architecture{' (small)' if small else ''}, random weights, "
-                             f"{len(tok.pieces)}-piece vocabulary",
-                    "parameters": sum(p.numel() for p in net.parameters()), "device": str(dev),
-                    "encoder_dtype": str(dtype).removeprefix("torch."), "utterances": n,
-                    "audio_s": round(audio_s, 2), "rows": []}
-    for b in batches:
-        opts = ParakeetOptions(max_batch_size=b, max_queue=n + b, max_batch_seconds=40.0 * b)
-        with ParakeetEngine(net, tok, opts) as engine:
-            run(engine, waves[: 2 * b])  # warm-up: allocator, cuBLAS, graph capture
-            seconds, results = run(engine, waves)
-        report["rows"].append({"max_batch_size": b, "seconds": round(seconds, 3), "rtfx": round(audio_s / seconds, 1),
-                               "tokens": sum(len(r.token_ids) for r in results)})
-    ten = (rng.standard_normal((3 if small else 10) * TARGET_RATE) * 0.1).astype(np.float32)
-    with ParakeetEngine(net, tok, ParakeetOptions(max_batch_size=1)) as engine:
-        run(engine, [ten])
-        lat = sorted(run(engine, [ten])[0] for _ in range(5))
-    report["single_stream"] = {"audio_s": len(ten) / TARGET_RATE, "latency_s_median": round(lat[2], 4),
-                               "latency_s_max": round(lat[-1], 4)}
-    sample = waves[:16]
-    with ParakeetEngine(net, tok, ParakeetOptions(max_batch_size=len(sample), cuda_graphs=True)) as graphed, \
-            ParakeetEngine(net, tok, ParakeetOptions(max_batch_size=len(sample), cuda_graphs=False)) as eager:
-        a, b = run(graphed, sample)[1], run(eager, sample)[1]
-    report["graphs_vs_eager"] = {"cuda_graphs": graphed.decoder.cuda_graphs,
-                                 "same_tokens": f"{sum(x.token_ids == y.token_ids for x, y in zip(a, b))}/{len(a)}"}
-    return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,8 +143,11 @@ def test_cli_jsonl_and_srt(capsys):
 
 
 def test_gpu_check_entry_point_small_on_cpu():
-    """benchmarks/gpu_check.py's "parakeet" part calls runtime.parakeet.benchmark(device=..., small=...)."""
-    from runtime.parakeet import benchmark
+    """benchmarks/gpu_check.py's "parakeet" part: benchmarks/parakeet_gpu.py's benchmark(device=..., small=...)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from parakeet_gpu import benchmark
 
     r = benchmark(device="cpu", small=True)
     assert [row["max_batch_size"] for row in r["rows"]] == [4, 8]
