@@ -124,11 +124,6 @@ class ParakeetEngine:
 
     # ---- client side (any thread) ------------------------------------------------------------------
 
-    def _post(self, msg: tuple) -> None:
-        with self._cv:
-            self._inbox.append(msg)
-            self._cv.notify()
-
     def submit(self, audio: AudioInput, sample_rate: int | None = None,
                on_delta: Callable[[str | None], None] | None = None, **_ignored) -> RequestHandle:
         """Queue one utterance; returns at once. ``on_delta`` (engine thread) gets the text, then None.
@@ -155,9 +150,14 @@ class ParakeetEngine:
         return handle
 
     # The same client-side behaviour as the Canary-Qwen engine (they only use submit and the handles).
+    # The front door is Engine's own (they touch only the handles, the inbox and the thread).
+    _post = Engine._post
     stream = Engine.stream
     map = Engine.map
     transcribe = Engine.transcribe
+    close = Engine.close
+    __enter__ = Engine.__enter__
+    __exit__ = Engine.__exit__
 
     def transcribe_long(self, audio: AudioInput, sample_rate: int | None = None, max_segment_s: float = 40.0,
                         vad: str = "auto"):
@@ -190,22 +190,6 @@ class ParakeetEngine:
         text = " ".join(s.text for s in segments)
         return longform.LongTranscription(text=text, segments=segments, duration=len(wave) / TARGET_RATE,
                                           vad=vad_name), words
-
-    def close(self, timeout: float | None = None) -> None:
-        """Refuse new requests, finish every accepted one, stop the thread."""
-        with self._cv:
-            self._closing = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        else:
-            self.run_until_idle()
-
-    def __enter__(self) -> "ParakeetEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def stats(self) -> dict:
         return {"waiting": len(self._waiting), "queued": self._queued, "steps": self.steps}
