@@ -62,11 +62,11 @@ def bucket(n: int, rungs: list[int]) -> int:
 
 
 def packed_length(tokens: int) -> int:
-    """Length of a packed prefill row holding ``tokens`` prompt tokens: a multiple of 256 up to 2048, of
-    1024 beyond. Up to 8192 tokens (``max_prefill_tokens``) that is 14 shapes, each of which costs a kernel
-    plan / autotune on a GPU the first time; the padding is under 256 tokens up to 2048 and under 1024 beyond,
-    i.e. a few percent of the big admissions that dominate an offline run."""
-    step = 256 if tokens <= 2048 else 1024
+    """Length of a packed prefill row holding ``tokens`` prompt tokens: a multiple of 256 up to 2048, of 512
+    up to 4096, of 1024 beyond. Up to 8192 tokens (``max_prefill_tokens``) that is 16 shapes (each new shape
+    may cost a kernel plan or autotune on a GPU), with the padding under about 1/8 of the row above 2048 tokens,
+    where the big admissions of an offline run fall (benchmarks/offline_sim.py: 4-9 % padding)."""
+    step = 256 if tokens <= 2048 else 512 if tokens <= 4096 else 1024
     return max(step, -(-tokens // step) * step)
 
 
