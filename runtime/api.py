@@ -19,12 +19,12 @@ import torch
 from engine.backends.base import EncoderBackend
 from engine.checkpoint import DEFAULT_MODEL
 from engine.model import CanaryQwenModel
-from engine.prompt import DEFAULT_ASR_PROMPT, Tokenizer
+from engine.prompt import Tokenizer
 
 from .audio import TARGET_RATE, AudioInput, load_audio
 from .common import TRAINED_MAX_SECONDS, Transcription
 from .engine import Engine
-from .options import DEFAULT_MAX_NEW_TOKENS, EngineOptions
+from .options import EngineOptions
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ class CanaryQwen:
     def __init__(self, model: CanaryQwenModel, tokenizer: Tokenizer, encoder: EncoderBackend | None = None,
                  options: EngineOptions | None = None, engine: Engine | None = None):
         """``encoder``: an encoder backend (ONNX Runtime, TensorRT, ...); None runs the model's own perception.
-        ``options``: the engine's settings (default: ``EngineOptions()``, with max_seq_len raised so that any
-        audio the model was trained on fits). ``engine``: an engine already built over ``model``."""
+        ``options``: the engine's settings (default: ``EngineOptions()``). ``engine``: an engine already built
+        over ``model``."""
         self.model, self.tokenizer = model, tokenizer
         if engine is None:
             if encoder is None:
@@ -84,16 +84,16 @@ class CanaryQwen:
         self,
         waves: Sequence[np.ndarray],
         batch_size: int = 16,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        prompt: str = DEFAULT_ASR_PROMPT,
+        max_new_tokens: int | None = None,
+        prompt: str | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> list[Transcription]:
         """16 kHz mono float32 waveforms -> transcriptions, in input order. At most ``batch_size`` of them are
         in the engine at once (so one call cannot take the whole batch of a shared engine); the first failure
-        is raised once every input has finished."""
+        is raised once every input has finished. ``max_new_tokens`` and ``prompt`` default to the engine's."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if max_new_tokens < 1:
+        if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         results: list[Transcription | BaseException | None] = [None] * len(waves)
         window: deque = deque()
@@ -127,9 +127,9 @@ class CanaryQwen:
         self,
         inputs: AudioInput | Sequence[AudioInput],
         batch_size: int = 16,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_new_tokens: int | None = None,
         sample_rate: int | None = None,
-        prompt: str = DEFAULT_ASR_PROMPT,
+        prompt: str | None = None,
     ) -> Transcription | list[Transcription]:
         """Paths, encoded bytes, or arrays/tensors (with ``sample_rate``): one input -> one result, a list ->
         a list. Every input is decoded first, so a bad one raises ``AudioError`` naming it before any work."""

@@ -9,7 +9,7 @@ import argparse
 EXTRAS = {"onnxruntime": "onnx", "onnx": "onnx", "tensorrt": "tensorrt", "silero_vad": "longform",
           "kaldialign": "bench", "whisper_normalizer": "bench", "matplotlib": "bench", "fastapi": "serving",
           "uvicorn": "serving", "multipart": "serving", "prometheus_client": "serving", "openai": "client",
-          "nemo": None}
+          "ray": "ray", "pyarrow": "ray", "nemo": None}
 
 
 class UsageError(ValueError):

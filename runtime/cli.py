@@ -10,7 +10,7 @@ import sys
 from engine.checkpoint import DEFAULT_MODEL
 
 from .checks import UsageError, check_model_args, model_error, require
-from .options import add_engine_arguments, add_model_arguments, engine_kwargs
+from .options import add_engine_arguments, engine_kwargs
 
 
 def build_parser() -> argparse.ArgumentParser:

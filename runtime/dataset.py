@@ -376,12 +376,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``canary-trt transcribe-dataset``: the summary as one JSON line on stdout."""
+    from .checks import UsageError, require
     from .options import engine_kwargs
 
     try:
-        import ray  # noqa: F401
-    except ImportError:
-        print("error: transcribe-dataset needs Ray: pip install 'canary-trt[ray]'", file=sys.stderr)
+        require("ray", "pyarrow", what="transcribe-dataset")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         summary = transcribe_dataset(

@@ -113,7 +113,10 @@ class Engine:
         self.model, self.tokenizer, self.encoder, self.options = model, tokenizer, encoder, options
         self.numerics = configure(model.device, model.dtype)  # TF32 off for fp32, SDPA backends: logged
         bs = options.kv_block_size
-        tokens = options.kv_cache_tokens or self._default_kv_tokens()
+        # A decoder passed in (TensorRT-LLM) holds its own KV cache: the pool is then bookkeeping only, as big
+        # as the batch could ever use, so it never holds back what the decoder can take.
+        tokens = options.kv_cache_tokens or (self._default_kv_tokens() if decoder is None
+                                             else options.max_batch_size * options.max_seq_len)
         num_blocks = max(-(-tokens // bs), 2) + 1  # + block 0, the decoder's scratch block
         self.allocator = BlockAllocator(num_blocks, bs)
         self.scheduler = Scheduler(self.allocator, options.max_batch_size, options.max_queue,
@@ -130,6 +133,7 @@ class Engine:
         self._next_id = 0
         self._cv = threading.Condition()
         self._closing = False
+        self._decoder_closed = False
         self.steps = 0
         self.admit_steps = 0  # steps that admitted requests (each stalls the running streams once)
         self._encoded_bytes = 0  # embeddings held for waiting requests
@@ -298,6 +302,9 @@ class Engine:
             self._thread.join(timeout)
         else:
             self.run_until_idle()
+        if self.scheduler.idle and hasattr(self.decoder, "close") and not self._decoder_closed:
+            self._decoder_closed = True  # e.g. TensorRT-LLM's executor: its threads and KV memory
+            self.decoder.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -344,9 +351,15 @@ class Engine:
         for kind, payload in inbox:
             if kind == "submit":
                 self._requests[payload.handle.id] = payload
-                self.scheduler.add(Sequence(payload.handle.id, payload.prompt_len, payload.max_new_tokens))
+                try:
+                    self.scheduler.add(Sequence(payload.handle.id, payload.prompt_len, payload.max_new_tokens))
+                except Exception as e:  # checked in submit already; never lose the rest of the inbox
+                    self._requests.pop(payload.handle.id)
+                    with self._cv:
+                        self._queued -= 1
+                    self._resolve_failed(payload, e)
             elif kind == "cancel" and payload in self._requests:
-                self._finish(self._requests[payload], "cancelled")
+                self._finish(self._requests[payload], "cancelled")  # resolves its handle whatever happens
         self._encode_ahead()
         admitted = self.scheduler.schedule()
         if admitted:
@@ -389,6 +402,14 @@ class Engine:
                 if rid in self._requests:
                     self._finish(self._requests[rid], "error", RuntimeError(f"decoder: {msg}"))
 
+    def _resolve_failed(self, r: _Request, error: BaseException) -> None:
+        """A request that never reached the scheduler: resolve its handle with ``error``."""
+        r.finished = True
+        r.handle._error = error if isinstance(error, Exception) else RuntimeError(str(error))
+        r.handle.finished_at = time.perf_counter()
+        r.handle._done.set()
+        _notify(r.handle, None)
+
     def _encode(self, reqs: list[_Request]) -> None:
         """Encode the requests' audio as one call (the backend cuts it into length-sorted batches); if that
         fails, one request at a time, so a bad one fails alone. Sets ``embedding`` or fails the request."""
@@ -402,6 +423,10 @@ class Engine:
                     embeddings.append(self.encoder.encode([r.audio])[0])
                 except Exception as e:
                     embeddings.append(e)
+        if len(embeddings) != len(reqs):
+            embeddings = list(embeddings)[: len(reqs)]
+            embeddings += [RuntimeError(f"the {getattr(self.encoder, 'name', '?')} encoder returned no embedding "
+                                        f"for this request")] * (len(reqs) - len(embeddings))
         for r, emb in zip(reqs, embeddings):
             if isinstance(emb, Exception):
                 self._finish(r, "error", emb)
@@ -510,26 +535,34 @@ class Engine:
             _notify(r.handle, delta)
 
     def _finish(self, r: _Request, reason: str, error: BaseException | None = None) -> None:
-        """Retire a request exactly once: free its decoder state and KV blocks, resolve its handle."""
+        """Retire a request exactly once: free its decoder state and KV blocks, resolve its handle. The handle
+        is resolved even if freeing fails (the failure becomes its error), so no caller ever waits forever."""
         if r.finished:
             return
         r.finished = True
-        if r.embedding is not None:
-            self._encoded_bytes -= r.embedding.numel() * r.embedding.element_size()
-            r.embedding = None
-        self.decoder.release(r.handle.id)
-        if r.handle.id not in self.scheduler.running:  # retired while still waiting for admission
-            with self._cv:
-                self._queued -= 1
-        self.scheduler.finish(r.handle.id)
-        self._requests.pop(r.handle.id, None)
         h = r.handle
-        h.finished_at = time.perf_counter()
-        if error is not None:
-            h._error = error if isinstance(error, Exception) else RuntimeError(str(error))
-        else:
-            h._result = Transcription(self.tokenizer.decode(r.token_ids).strip(), list(r.token_ids), h.duration,
-                                      reason, logprobs=r.logprobs)
-            self._emit(r, final=True)
-        h._done.set()
-        _notify(h, None)
+        try:
+            if r.embedding is not None:
+                self._encoded_bytes -= r.embedding.numel() * r.embedding.element_size()
+                r.embedding = None
+            if h.id not in self.scheduler.running:  # retired while still waiting for admission
+                with self._cv:
+                    self._queued -= 1
+            self.scheduler.finish(h.id)  # before the decoder: the KV blocks come back whatever it does
+            self._requests.pop(h.id, None)
+            self.decoder.release(h.id)
+            if error is None:
+                h._result = Transcription(self.tokenizer.decode(r.token_ids).strip(), list(r.token_ids), h.duration,
+                                          reason, logprobs=r.logprobs)
+                self._emit(r, final=True)
+        except Exception as e:
+            log.exception("retiring request %d failed", h.id)
+            error = error or e
+        finally:
+            self._requests.pop(h.id, None)
+            h.finished_at = time.perf_counter()
+            if error is not None:
+                h._result = None
+                h._error = error if isinstance(error, Exception) else RuntimeError(str(error))
+            h._done.set()
+            _notify(h, None)

@@ -738,7 +738,7 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
         metrics.in_progress.inc()
-        streaming = False
+        streaming, scores = False, None
         try:
             req = await read_request(request)
             engine = engines[req.model]
@@ -748,7 +748,6 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
                 response = await long_form(engine, req, wave, request)
                 streaming = isinstance(response, StreamingResponse)  # its generator owns in_progress from here
                 return response
-            scores = None
             if req.fmt == "verbose_json":  # no_speech_prob: the VAD over the clip, while the engine works
                 scores = asyncio.ensure_future(asyncio.to_thread(speech_scores, wave))
             handle, deltas = await submit(engine, wave, t0)
@@ -787,6 +786,8 @@ def create_app(engine, settings: ServerSettings = ServerSettings()):
         except ApiError as e:
             return error_response(e)
         finally:
+            if scores is not None and not scores.done():  # a request that ended early: its VAD is not needed
+                scores.cancel()
             if not streaming:
                 metrics.in_progress.dec()
 

@@ -95,7 +95,9 @@ class BatchedEncoder(ABC):
             emb, emb_lens = self._run(batch, batch_lengths)  # [rows, T_enc, H], [rows]
             self._check(emb, emb_lens, [frames[i] for i in idx])
             for row, i in enumerate(idx):
-                out[i] = emb[row, : frames[i]].to(self.device, self.dtype)
+                e = emb[row, : frames[i]].to(self.device, self.dtype)
+                # A view would keep the whole padded batch alive for as long as one request waits: copy it out.
+                out[i] = e.clone() if e.untyped_storage().data_ptr() == emb.untyped_storage().data_ptr() else e
         return out  # type: ignore[return-value]
 
     def _check(self, emb: torch.Tensor, emb_lens: torch.Tensor, want: list[int]) -> None:
