@@ -1,7 +1,8 @@
 """GPU numerics switches in one place: TF32 off for fp32 runs, and an explicit SDPA backend choice.
 
-``configure(device, dtype)`` is called once at start-up (``Engine.from_pretrained``); it logs and returns what
-it chose. ``sdpa_backends(dtype)`` is the backend list the decoder's prefill runs under; the encoder's
+``configure(device, dtype)`` is called by every ``Engine`` when it is built; it logs and returns what it chose.
+The switches are process-wide: once an fp32 engine has turned TF32 off, a bf16 engine in the same process
+computes without TF32 too (its bf16 GEMMs are unaffected; only fp32 matmuls and convolutions are). ``sdpa_backends(dtype)`` is the backend list the decoder's prefill runs under; the encoder's
 attention is written with explicit matmuls (engine/encoder.py) and never goes through SDPA.
 
 Why: ``torch.backends.cudnn.allow_tf32`` defaults to True, so an fp32 run on a GPU would do the encoder's
