@@ -302,9 +302,11 @@ class Engine:
             self._thread.join(timeout)
         else:
             self.run_until_idle()
-        if self.scheduler.idle and hasattr(self.decoder, "close") and not self._decoder_closed:
+        drained = self._thread is None or not self._thread.is_alive()
+        decoder = getattr(self, "decoder", None)  # (ParakeetEngine shares this method)
+        if drained and hasattr(decoder, "close") and not getattr(self, "_decoder_closed", False):
             self._decoder_closed = True  # e.g. TensorRT-LLM's executor: its threads and KV memory
-            self.decoder.close()
+            decoder.close()
 
     def __enter__(self) -> "Engine":
         return self

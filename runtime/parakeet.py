@@ -171,25 +171,11 @@ class ParakeetEngine:
         wave = load_audio(audio, sample_rate)
         cuts, vad_name = longform.plan_segments(wave, max_segment_s, vad)
         window = max(1, min(2 * self.options.max_batch_size, self.options.max_queue))  # pieces in the engine at once
-        results = []
-        for i in range(0, len(cuts), window):
-            handles = [self.submit(wave[a:b], TARGET_RATE) for a, b in cuts[i : i + window]]
-            results += [h.result() for h in handles]
-        segments, words = [], []
-        for (a, _), r in zip(cuts, results):
-            shift = a / TARGET_RATE
-            for w in r.extra["words"]:
-                words.append({"word": w["word"], "start": w["start"] + shift, "end": w["end"] + shift})
-            starts = [s["start_offset"] for s in r.extra["segments"]]
-            owner = [max([k for k, s0 in enumerate(starts) if s0 <= t["start_offset"]], default=0)
-                     for t in r.extra["tokens"]]  # each token to the last segment starting at or before it
-            for k, s in enumerate(r.extra["segments"]):
-                ids = [t["token_id"] for t, o in zip(r.extra["tokens"], owner) if o == k]
-                segments.append(longform.Segment(start=s["start"] + shift, end=s["end"] + shift, text=s["segment"],
-                                                 token_ids=ids, finish_reason=r.finish_reason))
-        text = " ".join(s.text for s in segments)
-        return longform.LongTranscription(text=text, segments=segments, duration=len(wave) / TARGET_RATE,
-                                          vad=vad_name), words
+        # The long-form path of every engine: in order, at most `window` pieces at once, the rest cancelled if one fails.
+        results = longform._transcribe_pieces(self, [wave[a:b] for a, b in cuts], None, None, window)
+        segments, words = longform.model_timestamps(cuts, results, None)
+        return longform.LongTranscription(longform.join_texts(s.text for s in segments), segments,
+                                          len(wave) / TARGET_RATE, vad_name), words
 
     def stats(self) -> dict:
         return {"waiting": len(self._waiting), "queued": self._queued, "steps": self.steps}
