@@ -202,10 +202,9 @@ def transcribe(args: argparse.Namespace) -> int:
     from .audio import quiet_decoder_logs
     from .engine import Engine
 
-    from .parakeet import is_parakeet, transcribe_cli
+    from .parakeet import engine_from_args, is_parakeet
 
-    if is_parakeet(args.model):  # Parakeet-TDT (issue 14): its own engine, with word and segment timestamps
-        return transcribe_cli(args)
+    parakeet = is_parakeet(args.model)  # Parakeet-TDT: its own engine, with word and segment timestamps
     long = args.long_form or args.output_format in longform.LONG_FORMATS
     try:
         items = collect_inputs(args)
@@ -217,11 +216,14 @@ def transcribe(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        kwargs = engine_kwargs(args)
-        if long:  # room for the longest segment: 12.5 audio frames per second, the prompt and the new tokens
-            kwargs["max_seq_len"] = max(kwargs["max_seq_len"], int(args.max_segment_seconds * 12.5) + 64 +
-                                        kwargs["max_new_tokens"])
-        engine = Engine.from_pretrained(**kwargs)
+        if parakeet:
+            engine = engine_from_args(args)
+        else:
+            kwargs = engine_kwargs(args)
+            if long:  # room for the longest segment: 12.5 audio frames per second, the prompt and the new tokens
+                kwargs["max_seq_len"] = max(kwargs["max_seq_len"], int(args.max_segment_seconds * 12.5) + 64 +
+                                            kwargs["max_new_tokens"])
+            engine = Engine.from_pretrained(**kwargs)
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         print(f"error: {model_error(args, e)}", file=sys.stderr)
         return 2
@@ -264,7 +266,9 @@ def _transcribe_short(args, engine, items, writer, events, interrupt) -> None:
 def _transcribe_long(args, engine, items, writer, events, interrupt) -> None:
     """One input after another, each cut at pauses into segments that go through the engine together."""
     from .audio import AudioError, TARGET_RATE, load_audio
-    from .longform import (InOrder, LongTranscription, cut_points, join_texts, segments_from, speech_scores)
+    from .longform import (InOrder, LongTranscription, cut_points, join_texts, model_timestamps, segments_from,
+                           speech_scores)
+    from .parakeet import ParakeetEngine
 
     for i, (path, _, _) in enumerate(items):
         if interrupt.requested:
@@ -301,9 +305,12 @@ def _transcribe_long(args, engine, items, writer, events, interrupt) -> None:
         if failure:
             writer.write(i, failure[0])
             continue
-        segments = segments_from(cuts, results, score)
+        if isinstance(engine, ParakeetEngine):  # the model's own sentence segments and words
+            segments, words = model_timestamps(cuts, results, score)
+        else:
+            segments, words = segments_from(cuts, results, score), None
         writer.write(i, LongTranscription(join_texts(s.text for s in segments), segments, len(wave) / TARGET_RATE,
-                                          vad))
+                                          vad, words))
 
 
 class _Writer:
@@ -339,6 +346,10 @@ class _Writer:
             body = ({"audio": path, **r.as_dict()} if long else
                     {"audio": path, "text": r.text, "token_ids": r.token_ids, "duration": round(r.duration, 4),
                      "finish_reason": r.finish_reason})
+            if not long and "words" in r.extra:  # Parakeet-TDT: word and segment timestamps
+                from .parakeet import segment_fields, word_fields
+
+                body.update(words=word_fields(r.extra["words"]), segments=segment_fields(r.extra["segments"]))
             print(json.dumps(body, ensure_ascii=False), flush=True)
         elif fmt == "text" and out is None:
             print(r.text if not several else f"{path}\t{r.text}", flush=True)

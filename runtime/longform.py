@@ -88,11 +88,14 @@ class LongTranscription:
     segments: list[Segment]
     duration: float  # seconds of audio
     vad: str  # the voice-activity detector that placed the cuts: silero | energy | none
+    words: list[dict] | None = None  # [{word, start, end}] in seconds, from a model with word timestamps
 
     def as_dict(self) -> dict:
         """Timestamped JSON body: text, segments (id, start, end, text, token_ids, finish_reason, no_speech_prob,
-        and avg_logprob when the decoder gives log-probabilities), duration, vad."""
+        and avg_logprob when the decoder gives log-probabilities), duration, vad, and words when there are."""
         body = asdict(self)
+        if body["words"] is None:
+            del body["words"]
         segments = []
         for i, s in enumerate(body["segments"]):
             logprobs = s.pop("logprobs")

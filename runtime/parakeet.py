@@ -50,7 +50,7 @@ from .scheduler import QueueFull
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ParakeetEngine", "ParakeetOptions", "is_parakeet", "transcribe_cli"]
+__all__ = ["ParakeetEngine", "ParakeetOptions", "is_parakeet"]
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ class ParakeetEngine:
         results = longform._transcribe_pieces(self, [wave[a:b] for a, b in cuts], None, None, window)
         segments, words = longform.model_timestamps(cuts, results, None)
         return longform.LongTranscription(longform.join_texts(s.text for s in segments), segments,
-                                          len(wave) / TARGET_RATE, vad_name), words
+                                          len(wave) / TARGET_RATE, vad_name, words), words
 
     def stats(self) -> dict:
         return {"waiting": len(self._waiting), "queued": self._queued, "steps": self.steps}
@@ -320,11 +320,11 @@ def is_parakeet(model: str | os.PathLike) -> bool:
         return False
 
 
-def _word_fields(words: list[dict]) -> list[dict]:
+def word_fields(words: list[dict]) -> list[dict]:
     return [{"word": w["word"], "start": round(w["start"], 3), "end": round(w["end"], 3)} for w in words]
 
 
-def _segment_fields(segments: list[dict]) -> list[dict]:
+def segment_fields(segments: list[dict]) -> list[dict]:
     return [{"segment": s["segment"], "start": round(s["start"], 3), "end": round(s["end"], 3)} for s in segments]
 
 
@@ -358,70 +358,3 @@ def nemo_transcriber(model: str, device: str, batch_size: int):
                 for h, p in zip(hyps, paths)]
 
     return transcribe
-
-
-def transcribe_cli(args) -> int:
-    """``canary-trt transcribe`` for a Parakeet-TDT ``--model``: text, jsonl (text, token_ids, duration,
-    finish_reason, words, segments) or json/srt/vtt from the model's own segment timestamps (long-form:
-    cut at pauses, timestamps offset into the file). Exit code 1 if a file failed, 2 if the model did not load."""
-    import json
-    import sys
-
-    from . import longform
-
-    unsupported = [flag for flag, attr in (("--manifest", "manifest"), ("--output-dir", "output_dir"),
-                                           ("--output-manifest", "output_manifest")) if getattr(args, attr, None)]
-    folders = [f for f in args.files if os.path.isdir(f)]
-    if unsupported or folders or not args.files:
-        what = ", ".join(unsupported) or (f"folder {folders[0]}" if folders else "no audio files")
-        print(f"error: Parakeet-TDT transcription takes audio files on the command line ({what}: not supported)",
-              file=sys.stderr)
-        return 2
-    try:
-        engine = engine_from_args(args)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: cannot load the model: {e}", file=sys.stderr)
-        return 2
-    fmt = args.output_format
-    long_form = getattr(args, "long_form", False) or fmt in ("json", "srt", "vtt")
-    errors = 0
-    with engine:
-        if long_form:
-            for f in args.files:
-                try:
-                    t, words = engine.transcribe_long(f, max_segment_s=getattr(args, "max_segment_seconds", 40.0),
-                                               vad=getattr(args, "vad", "auto"))
-                except Exception as e:
-                    errors += 1
-                    print(f"error: {e if str(f) in str(e) else f'{f}: {e}'}", file=sys.stderr)
-                    continue
-                if fmt == "srt":
-                    print(longform.to_srt(t), end="", flush=True)
-                elif fmt == "vtt":
-                    print(longform.to_vtt(t), end="", flush=True)
-                elif fmt == "json":
-                    body = t.as_dict()
-                    body["words"] = _word_fields(words)
-                    print(json.dumps({"audio": f, **body}, ensure_ascii=False), flush=True)
-                else:
-                    line = {"audio": f, "text": t.text, "duration": round(t.duration, 4), "words": _word_fields(words),
-                            "segments": [{"segment": s.text, "start": round(s.start, 3), "end": round(s.end, 3)}
-                                         for s in t.segments]}
-                    print(json.dumps(line, ensure_ascii=False) if fmt == "jsonl" else
-                          (t.text if len(args.files) == 1 else f"{f}\t{t.text}"), flush=True)
-            return 1 if errors else 0
-        for f, r in engine.map(args.files):
-            if isinstance(r, Exception):
-                errors += 1
-                msg = str(r) if str(f) in str(r) else f"{f}: {r}"
-                print(f"error: {msg}", file=sys.stderr)
-                if fmt == "jsonl":
-                    print(json.dumps({"audio": f, "error": msg}, ensure_ascii=False), flush=True)
-            elif fmt == "jsonl":
-                print(json.dumps({"audio": f, "text": r.text, "token_ids": r.token_ids,
-                                  "duration": round(r.duration, 4), "finish_reason": r.finish_reason,
-                                  "words": _word_fields(r.extra["words"]),
-                                  "segments": _segment_fields(r.extra["segments"])}, ensure_ascii=False), flush=True)
-            else:
-                print(r.text if len(args.files) == 1 else f"{f}\t{r.text}", flush=True)
-    return 1 if errors else 0
