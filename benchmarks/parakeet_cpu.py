@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(args, results: list[dict]) -> int:
-    body = {"benchmark": "parakeet_cpu", "machine": machine_name() if callable(machine_name) else platform.machine(),
+    body = {"benchmark": "parakeet_cpu", "machine": machine_name(),
             "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
             "max_batch_size": args.max_batch_size, "repeats": args.repeats,
             "timed": "submit of every clip (audio already decoded) to the last result: frontend, encoder, decoding, "

@@ -37,7 +37,7 @@ def test_gpu_check_small_runs_on_cpu_and_reports_every_part(tmp_path):
 
 def test_gpu_check_exactness_part_fails_on_a_wrong_golden(monkeypatch):
     """The exactness check is a real comparison: one changed golden id makes it report the clip."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import gpu_check
 
     real = gpu_check.golden_ids()

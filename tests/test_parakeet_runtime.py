@@ -168,11 +168,9 @@ def test_cli_folder_output_dir_and_manifest_out(tmp_path, capsys):
     assert main(args) == 2 and "pass --overwrite" in capsys.readouterr().err
 
 
-def test_gpu_check_entry_point_small_on_cpu():
+def test_gpu_check_entry_point_small_on_cpu(monkeypatch):
     """benchmarks/gpu_check.py's "parakeet" part: benchmarks/parakeet_gpu.py's benchmark(device=..., small=...)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from parakeet_gpu import benchmark
 
     r = benchmark(device="cpu", small=True)
