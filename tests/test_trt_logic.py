@@ -221,7 +221,8 @@ def test_tensorrt_llm_version_gate_points_to_the_torch_decoder():
 
 
 def test_executor_finish_reasons():
-    assert finish_verdict("END_ID") == ("stop", None) and finish_verdict("STOP_WORDS") == ("stop", None)
+    assert finish_verdict("END_ID") == ("stop", None)
+    assert finish_verdict("STOP_WORDS")[0] is None and "STOP_WORDS" in finish_verdict("STOP_WORDS")[1]
     assert finish_verdict("LENGTH") == ("length", None)
     for reason in ("TIMED_OUT", "CANCELLED", "NOT_FINISHED"):
         verdict, error = finish_verdict(reason)

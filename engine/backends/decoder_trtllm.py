@@ -121,10 +121,11 @@ EXECUTOR_API = ["Executor", "ExecutorConfig", "KvCacheConfig", "SchedulerConfig"
 
 def finish_verdict(reason: str) -> tuple[str | None, str | None]:
     """A final result's ``FinishReason`` name -> (finish reason for ``finished``, error for ``failed``).
-    END_ID and STOP_WORDS end a request as the model chose ("stop"), LENGTH at max_tokens ("length");
-    TIMED_OUT and CANCELLED were not asked for by the runtime (a released request is never read), so they fail
-    it; NOT_FINISHED on a final result would be a runtime bug."""
-    if reason in ("END_ID", "STOP_WORDS"):
+    END_ID ends a request as the model chose ("stop": the end id is then the last token), LENGTH at max_tokens
+    ("length"); STOP_WORDS cannot happen (the runtime sets none, and its verdict would carry no end id), TIMED_OUT
+    and CANCELLED were not asked for (a released request is never read), so they fail it; NOT_FINISHED on a
+    final result would be a runtime bug."""
+    if reason == "END_ID":
         return "stop", None
     if reason == "LENGTH":
         return "length", None
