@@ -7,9 +7,16 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import os
+
 import pytest
 import soundfile as sf
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. Triton reads this when a kernel is
+# defined, so it is set here, before any test module imports engine.kernels (.ci/run sets it too).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures"

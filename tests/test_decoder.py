@@ -9,15 +9,12 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before triton is imported: the fast path's kernels on CPU tensors
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from conftest import FIXTURES, Golden  # noqa: E402
-from engine.backends.base import DecodeRequest  # noqa: E402
-from engine.backends.decoder_torch import TorchDecoder, ladder, packed_length  # noqa: E402
-from engine.checkpoint import build_model, resolve  # noqa: E402
-from engine.kernels import paged_attention  # noqa: E402
-from runtime.scheduler import BlockAllocator  # noqa: E402
+from conftest import FIXTURES, Golden
+from engine.backends.base import DecodeRequest
+from engine.backends.decoder_torch import TorchDecoder, ladder, packed_length
+from engine.checkpoint import build_model, resolve
+from engine.kernels import paged_attention
+from runtime.scheduler import BlockAllocator
 
 TINY = Golden(FIXTURES / "tiny-canary-qwen")
 BS = 16

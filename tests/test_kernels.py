@@ -7,10 +7,7 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before triton is imported: the kernels run on CPU tensors
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from engine.kernels import paged_attention as pa  # noqa: E402
+from engine.kernels import paged_attention as pa
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEV = "cpu" if INTERPRET else "cuda"  # on a GPU machine the same tests run the compiled kernels
@@ -119,8 +116,8 @@ def test_errors_are_clear():
 
 # ---- fused pointwise kernels (engine/kernels/fused.py) against the torch ops of engine/llm.py ----------------
 
-from engine.kernels import fused  # noqa: E402
-from engine.llm import RMSNorm, rotate_half  # noqa: E402
+from engine.kernels import fused
+from engine.llm import RMSNorm, rotate_half
 
 
 # bf16 tolerances are a few ulps: besides the variance sum order, the interpreter converts fp32 -> bf16 by
