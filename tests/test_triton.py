@@ -152,9 +152,7 @@ def tritonserver(tmp_path_factory):
     """pytriton's bundled tritonserver on 127.0.0.1 serving the generated repository (canary_qwen with the
     fixture engine, plus the ensemble's pre/post-processing models)."""
     pytest.importorskip("tritonclient.grpc", reason=SEPARATE_VENV)
-    pytriton = pytest.importorskip("pytriton.triton", reason=SEPARATE_VENV)
-    from pytriton.utils.distribution import get_libs_path, get_stub_path
-
+    pytest.importorskip("pytriton.triton", reason=SEPARATE_VENV)
     work = tmp_path_factory.mktemp("triton")
     repo = work / "models"
     write_repository(repo, _engine_args(), engine_dir=decoder_build(work / "decoder"))
@@ -162,24 +160,34 @@ def tritonserver(tmp_path_factory):
         shutil.rmtree(repo / name)
     # canary_qwen again, on the torch decoder (no TensorRT-LLM engine here) and the fixture engine
     write_repository(repo, _engine_args(), engine_factory="serving_helpers:engine_factory")
-    # The server wants the stub for this Python next to the backend (as pytriton arranges it).
-    server = work / "tritonserver"
+    yield from serve_repository(work, repo)
+
+
+def serve_repository(work: Path, repo: Path, env: dict | None = None, verbose: bool = False):
+    """pytriton's bundled tritonserver on 127.0.0.1 serving ``repo`` (shared by the tests/test_triton*.py), until
+    the generator is closed. Yields the gRPC address, an HTTP client and the log's path."""
+    pytest.importorskip("tritonclient.grpc", reason=SEPARATE_VENV)
+    pytriton = pytest.importorskip("pytriton.triton", reason=SEPARATE_VENV)
+    from pytriton.utils.distribution import get_libs_path, get_stub_path
+
+    server = work / "tritonserver"  # the stub for this Python next to the backend, as pytriton arranges it
     shutil.copytree(pytriton.TRITONSERVER_DIST_DIR, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
     shutil.copy(get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}"),
                 server / "backends" / "python" / "triton_python_backend_stub")
     http, grpc, metrics = _free_port(), _free_port(), _free_port()
-    env = dict(os.environ)
-    # The stub embeds libpython: a pyenv Python's lives outside the default search path (environment.md).
+    env = {**os.environ, **(env or {})}
     env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(get_libs_path()), sysconfig.get_config_var("LIBDIR"),
                                                     env.get("LD_LIBRARY_PATH")]))
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     env["PYTHONPATH"] = ":".join([str(HERE), str(HERE.parent), *sys.path[1:]])
-    log = open(work / "tritonserver.log", "w+")
+    log_path = work / "tritonserver.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen(
         [str(server / "bin" / "tritonserver"), f"--model-repository={repo}",
          f"--backend-directory={server / 'backends'}", f"--cache-directory={server / 'caches'}",
          "--http-address=127.0.0.1", f"--http-port={http}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
-         "--metrics-address=127.0.0.1", f"--metrics-port={metrics}", "--log-info=true", "--exit-on-error=true"],
+         "--metrics-address=127.0.0.1", f"--metrics-port={metrics}",
+         "--log-verbose=1" if verbose else "--log-info=true", "--exit-on-error=true"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     import tritonclient.http as httpclient
 
@@ -187,16 +195,15 @@ def tritonserver(tmp_path_factory):
     deadline = time.monotonic() + 240
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
-            log.seek(0)
             proc.kill()
-            pytest.fail(f"tritonserver did not become ready:\n{log.read()[-5000:]}")
+            pytest.fail(f"tritonserver did not become ready:\n{log_path.read_text()[-5000:]}")
         try:
             if client.is_server_ready():
                 break
         except Exception:
             pass
         time.sleep(0.5)
-    yield {"grpc": f"127.0.0.1:{grpc}", "http": client, "log": log}
+    yield {"grpc": f"127.0.0.1:{grpc}", "http": client, "log": log_path}
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(120)
@@ -312,9 +319,9 @@ def test_cancelled_stream_cancels_the_request_in_the_engine(tritonserver):
     s.client.stop_stream(cancel_requests=True)
     log = tritonserver["log"]
     deadline = time.monotonic() + 60
-    while "cancelled after" not in Path(log.name).read_text() and time.monotonic() < deadline:
+    while "cancelled after" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
-    lines = [l for l in Path(log.name).read_text().splitlines() if "cancelled after" in l]
+    lines = [l for l in log.read_text().splitlines() if "cancelled after" in l]
     assert lines and int(lines[-1].split("cancelled after ")[1].split()[0]) < 900
     s2 = _Stream(tritonserver["grpc"])
     try:

@@ -8,24 +8,16 @@ in the separate venv .ci/run makes (.venv-triton) and skips elsewhere, as tests/
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import sysconfig
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from serving_helpers import TINY, build_engine
-from test_triton import SEPARATE_VENV, _engine_args, _free_port, _Stream, _text
+from test_triton import SEPARATE_VENV, _engine_args, _Stream, _text, serve_repository
 from runtime.triton.repository import instance_group, write_repository
 
-HERE = Path(__file__).resolve().parent
 REQUESTS = 16
 
 
@@ -67,51 +59,12 @@ def test_triton_repo_cli_gpus_and_instances_parse_as_model_config(tmp_path):
 def two_instances(tmp_path_factory):
     """tritonserver (verbose log) serving canary_qwen with instance_group count 2, KIND_CPU, fixture engine."""
     pytest.importorskip("tritonclient.grpc", reason=SEPARATE_VENV)
-    pytriton = pytest.importorskip("pytriton.triton", reason=SEPARATE_VENV)
-    from pytriton.utils.distribution import get_libs_path, get_stub_path
-
+    pytest.importorskip("pytriton.triton", reason=SEPARATE_VENV)
     work = tmp_path_factory.mktemp("triton_instances")
     repo = work / "models"
     write_repository(repo, _engine_args(), engine_factory="serving_helpers:engine_factory",
                      instances=instance_group(2))
-    server = work / "tritonserver"  # the stub for this Python next to the backend, as in test_triton.py
-    shutil.copytree(pytriton.TRITONSERVER_DIST_DIR, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
-    shutil.copy(get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}"),
-                server / "backends" / "python" / "triton_python_backend_stub")
-    http, grpc, metrics = _free_port(), _free_port(), _free_port()
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(get_libs_path()), sysconfig.get_config_var("LIBDIR"),
-                                                    env.get("LD_LIBRARY_PATH")]))
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env["PYTHONPATH"] = ":".join([str(HERE), str(HERE.parent), *sys.path[1:]])
-    log_path = work / "tritonserver.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [str(server / "bin" / "tritonserver"), f"--model-repository={repo}",
-         f"--backend-directory={server / 'backends'}", f"--cache-directory={server / 'caches'}",
-         "--http-address=127.0.0.1", f"--http-port={http}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
-         "--metrics-address=127.0.0.1", f"--metrics-port={metrics}", "--log-verbose=1", "--exit-on-error=true"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
-    deadline = time.monotonic() + 240
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"tritonserver did not become ready:\n{log_path.read_text()[-5000:]}")
-        try:
-            if client.is_server_ready():
-                break
-        except Exception:
-            pass
-        time.sleep(0.5)
-    yield {"grpc": f"127.0.0.1:{grpc}", "http": client, "log": log_path}
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    yield from serve_repository(work, repo, verbose=True)
 
 
 def test_two_instances_serve_concurrent_streams_like_the_offline_engine(two_instances):

@@ -13,11 +13,6 @@ import argparse
 import json
 import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -27,7 +22,7 @@ import soundfile as sf
 
 from serving_helpers import GATE_ENV, TINY, golden_text
 from test_parakeet import NEMO, ROOT, utterances
-from test_triton import SEPARATE_VENV, _engine_args, _free_port, _inputs, _Stream, _text
+from test_triton import SEPARATE_VENV, _engine_args, _inputs, _Stream, _text, serve_repository
 from runtime.triton.repository import add_arguments, parakeet_kwargs, run, write_repository
 
 HERE = Path(__file__).resolve().parent
@@ -120,54 +115,6 @@ def gated_parakeet(**kwargs):
     return engine
 
 
-def _serve(work: Path, repo: Path, env: dict | None = None, verbose: bool = False):
-    """pytriton's bundled tritonserver on 127.0.0.1 serving ``repo`` (as tests/test_triton.py starts it), until
-    the generator is closed. Yields the gRPC address, an HTTP client and the log's path."""
-    pytest.importorskip("tritonclient.grpc", reason=SEPARATE_VENV)
-    pytriton = pytest.importorskip("pytriton.triton", reason=SEPARATE_VENV)
-    from pytriton.utils.distribution import get_libs_path, get_stub_path
-
-    server = work / "tritonserver"  # the stub for this Python next to the backend, as pytriton arranges it
-    shutil.copytree(pytriton.TRITONSERVER_DIST_DIR, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
-    shutil.copy(get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}"),
-                server / "backends" / "python" / "triton_python_backend_stub")
-    http, grpc, metrics = _free_port(), _free_port(), _free_port()
-    env = {**os.environ, **(env or {})}
-    env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(get_libs_path()), sysconfig.get_config_var("LIBDIR"),
-                                                    env.get("LD_LIBRARY_PATH")]))
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env["PYTHONPATH"] = ":".join([str(HERE), str(HERE.parent), *sys.path[1:]])
-    log_path = work / "tritonserver.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [str(server / "bin" / "tritonserver"), f"--model-repository={repo}",
-         f"--backend-directory={server / 'backends'}", f"--cache-directory={server / 'caches'}",
-         "--http-address=127.0.0.1", f"--http-port={http}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
-         "--metrics-address=127.0.0.1", f"--metrics-port={metrics}",
-         "--log-verbose=1" if verbose else "--log-info=true", "--exit-on-error=true"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
-    deadline = time.monotonic() + 240
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"tritonserver did not become ready:\n{log_path.read_text()[-5000:]}")
-        try:
-            if client.is_server_ready():
-                break
-        except Exception:
-            pass
-        time.sleep(0.5)
-    yield {"grpc": f"127.0.0.1:{grpc}", "http": client, "log": log_path}
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @pytest.fixture(scope="module")
 def both_models(tmp_path_factory):
     """canary_qwen (the fixture engine, as tests/test_triton.py) and parakeet_tdt (its default factory,
@@ -177,7 +124,7 @@ def both_models(tmp_path_factory):
     names = write_repository(work / "models", canary, engine_factory="serving_helpers:engine_factory",
                              parakeet=parakeet_kwargs(canary, str(NEMO)))
     assert names == ["canary_qwen", "parakeet_tdt"]
-    yield from _serve(work, work / "models")
+    yield from serve_repository(work, work / "models")
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +134,7 @@ def gated(tmp_path_factory):
     write_repository(work / "models", None, parakeet=parakeet_kwargs(_engine_args(), str(NEMO)),
                      parakeet_factory="test_triton_parakeet:gated_parakeet")
     gate = work / "gate"
-    for server in _serve(work, work / "models", env={GATE_ENV: str(gate)}, verbose=True):
+    for server in serve_repository(work, work / "models", env={GATE_ENV: str(gate)}, verbose=True):
         yield {**server, "gate": gate}
 
 
