@@ -12,6 +12,7 @@ and the engine thread never waits on file I/O), then enqueues it and returns a h
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import threading
@@ -227,16 +228,19 @@ class Engine:
                              f"{max_new} new tokens > max_seq_len={self.options.max_seq_len}: use long-form "
                              f"transcription (--long-form, runtime.longform) or raise max_seq_len")
         self.scheduler.check_fits(Sequence(-1, prompt_len, max_new))  # reads only constants: thread-safe
+        return self._enqueue(duration, on_delta, lambda h: _Request(h, wave, ids, max_new, prompt_len, []))
+
+    def _enqueue(self, duration: float, on_delta, make) -> RequestHandle:
+        """Put a checked request into the inbox, within max_queue; ``make(handle)`` builds its engine-thread state."""
         with self._cv:
             if self._closing:
                 raise EngineClosed("engine is closing: no new requests")
             if self._queued >= self.options.max_queue:
                 raise QueueFull(f"{self._queued} requests already queued (max_queue={self.options.max_queue})")
-            rid = self._next_id
+            handle = RequestHandle(self._next_id, self, duration, on_delta)
             self._next_id += 1
-            handle = RequestHandle(rid, self, duration, on_delta)
             self._queued += 1
-            self._inbox.append(("submit", _Request(handle, wave, ids, max_new, prompt_len, [])))
+            self._inbox.append(("submit", make(handle)))
             self._cv.notify()
         return handle
 
@@ -450,8 +454,7 @@ class Engine:
             return
         free = self.scheduler.max_running - len(self.scheduler.running)
         need = min(len(waiting), max(free, self.scheduler.refill_slots))
-        front = [self._requests[s.id] for s in list(waiting)[:need]]
-        missing = sum(r.embedding is None for r in front)
+        missing = sum(self._requests[s.id].embedding is None for s in itertools.islice(waiting, need))
         if not missing:
             return
         budget = self.options.encode_ahead_mb * 2**20 - self._encoded_bytes

@@ -45,8 +45,7 @@ from engine.tdt import GreedyTDT, TdtResult, finalize
 
 from .audio import TARGET_RATE, AudioInput, AudioTooLong, load_audio
 from .common import Transcription, pad_short, pick_device, pick_dtype
-from .engine import Engine, EngineClosed, RequestHandle, _notify
-from .scheduler import QueueFull
+from .engine import Engine, RequestHandle, _notify
 
 log = logging.getLogger(__name__)
 
@@ -136,21 +135,10 @@ class ParakeetEngine:
                                f"transcription (ParakeetEngine.transcribe_long, --long-form)") from None
         duration = len(wave) / TARGET_RATE
         wave = pad_short(wave, self.model.cfg.frontend.hop_length)
-        with self._cv:
-            if self._closing:
-                raise EngineClosed("engine is closing: no new requests")
-            if self._queued >= self.options.max_queue:
-                raise QueueFull(f"{self._queued} requests already queued (max_queue={self.options.max_queue})")
-            rid = self._next_id
-            self._next_id += 1
-            handle = RequestHandle(rid, self, duration, on_delta)
-            self._queued += 1
-            self._inbox.append(("submit", _Request(handle, wave)))
-            self._cv.notify()
-        return handle
+        return self._enqueue(duration, on_delta, lambda h: _Request(h, wave))
 
-    # The same client-side behaviour as the Canary-Qwen engine (they only use submit and the handles).
-    # The front door is Engine's own (they touch only the handles, the inbox and the thread).
+    # The front door is Engine's own (it touches only the handles, the inbox, the queue bound and the thread).
+    _enqueue = Engine._enqueue
     _post = Engine._post
     stream = Engine.stream
     map = Engine.map
